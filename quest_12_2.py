@@ -205,13 +205,13 @@ def preprocess(raw_images):
     return resized.float() / 127.5 - 1.0
 
 
-def load_training_images(args, device):
-    dataset_class = DATASETS[args.dataset]
+def load_training_images(name, data_dir, device):
+    dataset_class = DATASETS[name]
     try:
-        dataset = dataset_class(root=args.data_dir, train=True, download=True)
+        dataset = dataset_class(root=data_dir, train=True, download=True)
     except (RuntimeError, OSError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        sys.exit(f"error: {args.dataset} is not in {Path(args.data_dir) / dataset_class.__name__ / 'raw'} and could "
+        sys.exit(f"error: {name} is not in {Path(data_dir) / dataset_class.__name__ / 'raw'} and could "
                  f"not be downloaded ({reason}); pass --data-dir pointing at a folder that holds "
                  f"{dataset_class.__name__}/raw (e.g. --data-dir assets/mnist-5k)")
     # The whole set as one preprocessed tensor on the device: batches are index draws, no DataLoader.
@@ -256,7 +256,7 @@ def train(model, ema, optimizer, schedule, images, args, device, first_epoch):
 # ---------------------------------------------------------------- sampling: from chaos to the statue
 @torch.no_grad()
 def sample(model, schedule, num_samples, sampler, sample_steps, device):
-    """Reverse process from pure noise. Returns the final images in [-1, 1] and snapshots along the way."""
+    """Reverse process from pure noise: the final images in [-1, 1], snapshots along the way, steps run."""
     model.eval()
     if sampler == "ddpm":
         steps = list(range(schedule.timesteps - 1, -1, -1))
@@ -274,7 +274,7 @@ def sample(model, schedule, num_samples, sampler, sample_steps, device):
             x = schedule.ddim_step(x, predicted_noise, t, steps[i + 1] if i + 1 < len(steps) else -1)
         if i in keep:
             snapshots.append(x.clamp(-1, 1))
-    return x.clamp(-1, 1), snapshots
+    return x.clamp(-1, 1), snapshots, len(steps)
 
 
 # ---------------------------------------------------------------- artifacts
@@ -316,26 +316,27 @@ def main(argv=None):
     model = SimpleUNet(base_channels=config["base_channels"], attention=config["attention"]).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = EMA(model, args.ema_decay)
-    first_epoch, epoch_losses, images_per_s = 0, [], None
+    first_epoch, epoch_losses, images_per_s = 0, [], None  # what --sample-only reports
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
         ema.model.load_state_dict(checkpoint["ema"])
         ema.updates = checkpoint["ema_updates"]
         optimizer.load_state_dict(checkpoint["optimizer"])
         first_epoch = checkpoint["epoch"]
+    epochs_done = first_epoch
     print(f"device {device}, SimpleUNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
           f"T={schedule.timesteps}", flush=True)
 
     if not args.sample_only:
-        images = load_training_images(args, device)
+        images = load_training_images(config["dataset"], args.data_dir, device)
         print(f"{len(images)} training images of {config['dataset']} on {device}", flush=True)
         epoch_losses, images_per_s = train(model, ema, optimizer, schedule, images, args, device, first_epoch)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        epochs_done = max(args.epochs, first_epoch)
         args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(args.checkpoint, model, ema, optimizer, max(args.epochs, first_epoch), config)
+        save_checkpoint(args.checkpoint, model, ema, optimizer, epochs_done, config)
 
     start = time.perf_counter()
-    samples, snapshots = sample(ema.model, schedule, args.num_samples, args.sampler, args.sample_steps, device)
+    samples, snapshots, steps_run = sample(ema.model, schedule, args.num_samples, args.sampler, args.sample_steps, device)
     sample_seconds = time.perf_counter() - start
     out_dir.mkdir(parents=True, exist_ok=True)
     grid_path, trajectory_path = out_dir / "new_creation.png", out_dir / "trajectory.png"
@@ -348,11 +349,10 @@ def main(argv=None):
     result = {
         "destination": str(out_dir), "path": str(grid_path), "fileName": grid_path.name, "success": True,
         "details": {
-            "dataset": config["dataset"], "device": str(device), "epochs": max(args.epochs, first_epoch)
-            if not args.sample_only else first_epoch, "timesteps": schedule.timesteps,
+            "dataset": config["dataset"], "device": str(device), "epochs": epochs_done, "timesteps": schedule.timesteps,
             "finalLoss": round(epoch_losses[-1], 5) if epoch_losses else None, "epochLosses": [round(v, 5) for v in epoch_losses],
             "trainImagesPerSecond": round(images_per_s, 1) if images_per_s else None,
-            "sampler": args.sampler, "sampleSteps": args.sample_steps if args.sampler == "ddim" else schedule.timesteps,
+            "sampler": args.sampler, "sampleSteps": steps_run,
             "numSamples": args.num_samples, "sampleSeconds": round(sample_seconds, 2),
             "trajectory": str(trajectory_path), "checkpoint": str(args.checkpoint), "seed": args.seed,
         },

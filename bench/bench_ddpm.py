@@ -140,7 +140,7 @@ def quality(args, device):
     model.load_state_dict(checkpoint["ema"])
     schedule = quest.NoiseSchedule(config["timesteps"], device)
     start = time.perf_counter()
-    samples, _ = quest.sample(model, schedule, args.num_samples, args.sampler, args.sample_steps, device)
+    samples, _, _ = quest.sample(model, schedule, args.num_samples, args.sampler, args.sample_steps, device)
     seconds = time.perf_counter() - start
     with torch.no_grad():
         confidence, label = F.softmax(classifier(samples), dim=1).max(dim=1)
