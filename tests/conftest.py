@@ -1,4 +1,5 @@
 """Shared fixtures: a small root of REAL MNIST digits, a way to run a quest script, device list."""
+import importlib.util
 import json
 import os
 import struct
@@ -50,6 +51,14 @@ def write_mnist_subset(root, n_train, n_test):
 def mnist_root(tmp_path_factory):
     """A data root with 512 train + 256 test real digits (the shipped subset is class-interleaved)."""
     return write_mnist_subset(tmp_path_factory.mktemp("mnist"), 512, 256)
+
+
+def import_script(script):
+    """A quest script imported as a module, for in-process checks of its parts."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(script, *args, cwd, env=None, timeout=600):

@@ -7,7 +7,7 @@ from PIL import Image
 from torchvision import datasets, transforms
 from torchvision.transforms.functional import pil_to_tensor
 
-from conftest import DEVICES, REPO, assert_clean_failure, result_json, run_script
+from conftest import DEVICES, assert_clean_failure, import_script, result_json, run_script
 
 SCRIPT = "quest_12_2.py"
 TINY = ["--epochs", "1", "--timesteps", "20", "--base-channels", "16", "--batch-size", "64", "--num-samples", "8"]
@@ -112,9 +112,7 @@ def test_sample_only_without_a_checkpoint_fails_cleanly(tmp_path):
 
 def test_preprocessing_equals_the_spec_transform_pipeline(mnist_root):
     """The on-device tensor pipeline must match Resize(32) -> ToTensor -> Normalize(0.5, 0.5) on PIL images."""
-    import sys
-    sys.path.insert(0, str(REPO))
-    from quest_12_2 import preprocess
+    preprocess = import_script(SCRIPT).preprocess
 
     spec = transforms.Compose([transforms.Resize(32), transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     dataset = datasets.MNIST(root=mnist_root, train=True, download=False, transform=spec)

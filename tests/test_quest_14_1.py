@@ -1,6 +1,5 @@
 """quest_14_1.py (post-training static INT8 quantization): tiny real runs on a few hundred real digits,
 the quantized model itself, the temp-file discipline, and the failure paths."""
-import importlib.util
 import json
 import math
 
@@ -9,7 +8,7 @@ import torch
 import torch.nn as nn
 from torchvision import datasets, transforms
 
-from conftest import DEVICES, REPO, assert_clean_failure, result_json, run_script
+from conftest import DEVICES, assert_clean_failure, import_script, result_json, run_script
 
 SCRIPT = "quest_14_1.py"
 TINY = ["--train-batches", "3", "--calib-batches", "2", "--batch-size", "32", "--latency-seconds", "0.05"]
@@ -20,10 +19,7 @@ DETERMINISTIC = ("size_fp32_kb", "size_int8_kb", "compression_ratio", "acc_fp32"
 @pytest.fixture(scope="module")
 def quest():
     """The script imported as a module, for in-process checks of its parts."""
-    spec = importlib.util.spec_from_file_location("quest_14_1", REPO / SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPT)
 
 
 @pytest.fixture(scope="module", params=DEVICES)

@@ -3,7 +3,6 @@
 No hub here: build_tiny_pipeline writes a random SD v1.x-shaped pipeline with save_pretrained, as a user's
 local model folder would look. bench/bench_lora.py imports the builders below.
 """
-import importlib.util
 import json
 
 import numpy as np
@@ -15,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from conftest import DEVICES, REPO, assert_clean_failure, result_json, run_script
+from conftest import DEVICES, assert_clean_failure, import_script, result_json, run_script
 
 SCRIPT = "quest_7_2.py"
 PROMPT = "a red seal"
@@ -122,10 +121,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def quest():
     """The script as a module, for its argument parsing (fast, no subprocess)."""
-    spec = importlib.util.spec_from_file_location("quest_7_2", REPO / SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_script(SCRIPT)
 
 
 def lora_weights(out_dir):
