@@ -142,15 +142,18 @@ def quality(args, device):
     start = time.perf_counter()
     samples, _, _ = quest.sample(model, schedule, args.num_samples, args.sampler, args.sample_steps, device)
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        confidence, label = F.softmax(classifier(samples), dim=1).max(dim=1)
-    confident = confidence >= 0.9
-    counts = torch.bincount(label[confident], minlength=10).tolist()
+    real = quest.preprocess(datasets.MNIST(args.data_dir, train=False).data[:args.num_samples]).to(device)
     print(f"\ncheckpoint {args.checkpoint} (epoch {checkpoint['epoch']}, base {config['base_channels']}, "
-          f"T={config['timesteps']}), sampler {args.sampler}, {args.num_samples} samples in {seconds:.1f}s")
+          f"T={config['timesteps']}), sampler {args.sampler}, "
+          f"{args.num_samples} samples in {seconds:.1f}s")
     print(f"judge: CNN trained on the real digits, test accuracy {test_accuracy:.3f}")
-    print(f"confident (p >= 0.9): {confident.float().mean().item():.1%}")
-    print(f"classes among confident samples: {sum(c > 0 for c in counts)}/10   per class: {counts}")
+    for name, images in (("generated", samples), ("real test digits (reference)", real)):
+        with torch.no_grad():
+            confidence, label = F.softmax(classifier(images), dim=1).max(dim=1)
+        confident = confidence >= 0.9
+        counts = torch.bincount(label[confident], minlength=10).tolist()
+        print(f"{name:30} confident (p >= 0.9): {confident.float().mean().item():6.1%}   "
+              f"classes: {sum(c > 0 for c in counts)}/10   per class: {counts}")
 
 
 def main():
