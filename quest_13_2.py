@@ -186,16 +186,20 @@ def fit(model, images, loss_of_batch, epochs, args, name):
     return epoch_loss
 
 
+def labels_only(train_y):
+    """Plain cross-entropy on the true labels: the teacher's loss, and the baseline student's."""
+    return lambda logits, idx: F.cross_entropy(logits, train_y[idx])
+
+
 def train_teacher(teacher, train_x, train_y, args):
     """Act 3: the teacher learns from the labels alone."""
-    return fit(teacher, train_x, lambda logits, idx: F.cross_entropy(logits, train_y[idx]), args.teacher_epochs, args, "teacher")
+    return fit(teacher, train_x, labels_only(train_y), args.teacher_epochs, args, "teacher")
 
 
 def train_student(student, train_x, train_y, teacher_logits, args):
     """Act 4: distil from the teacher's logits for train_x; with teacher_logits=None, the baseline on labels alone."""
     if teacher_logits is None:
-        return fit(student, train_x, lambda logits, idx: F.cross_entropy(logits, train_y[idx]),
-                   args.epochs, args, "baseline student")
+        return fit(student, train_x, labels_only(train_y), args.epochs, args, "baseline student")
     return fit(student, train_x,
                lambda logits, idx: distillation_loss(logits, teacher_logits[idx], train_y[idx], args.temperature, args.alpha),
                args.epochs, args, "distilled student")

@@ -147,10 +147,12 @@ def load_mnist(data_dir, train, device):
     return x.to(device), ds.targets.to(device)
 
 
-def shuffled_batches(n, batch_size, generator):
-    """Endless index batches, reshuffled every pass, like iterating a shuffled DataLoader epoch after epoch."""
+def shuffled_batches(n, batch_size, generator, device):
+    """Endless index batches on the device, reshuffled every pass, like a shuffled DataLoader epoch after epoch.
+
+    The order is drawn on the CPU (one seeded generator for every device) and moved once per pass, not per step."""
     while True:
-        yield from torch.randperm(n, generator=generator).split(batch_size)
+        yield from torch.randperm(n, generator=generator).to(device).split(batch_size)
 
 
 # ---------------------------------------------------------------- Act 1: train FP32
@@ -163,7 +165,6 @@ def train(model, x, y, batches, lr, device):
     running = None
     bar = tqdm(batches, desc="act 1: train FP32", unit="batch")
     for idx in bar:
-        idx = idx.to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = loss_fn(model(x[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -185,7 +186,7 @@ def quantize(trained, x, batches, engine):
     prepare(model, inplace=True)  # Act 2: observers record activation ranges
     with torch.inference_mode():
         for idx in tqdm(batches, desc="act 3: calibrate", unit="batch"):
-            model(x[idx.to(x.device)].cpu())
+            model(x[idx].cpu())
     convert(model, inplace=True)  # Act 4: float modules -> quantized modules
     return model
 
@@ -263,7 +264,7 @@ def main(argv=None):
 
     train_x, train_y = load_mnist(args.data_dir, train=True, device=device)
     test_x, test_y = load_mnist(args.data_dir, train=False, device="cpu")
-    batches = shuffled_batches(len(train_x), args.batch_size, torch.Generator().manual_seed(args.seed))
+    batches = shuffled_batches(len(train_x), args.batch_size, torch.Generator().manual_seed(args.seed), device)
     print(f"data: {len(train_x)} train / {len(test_x)} test digits from {args.data_dir}; FP32 trains on {device}, "
           f"the INT8 model runs on CPU ({args.engine} engine: quantized kernels are CPU kernels)")
 
