@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # the tiny-pipeline builders live with the tests
-from test_quest_7_2 import build_tiny_pipeline, save_pipeline, write_palette  # noqa: E402
+sys.path.insert(0, str(REPO))
+from tools.kit import build_tiny_pipeline, save_pipeline, write_palette  # noqa: E402
 
 CPU_STEPS = (20, 120)
 GPU_STEPS = (10, 110)

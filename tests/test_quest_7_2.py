@@ -1,7 +1,7 @@
 """quest_7_2.py (LoRA on an SD v1.x UNet): tiny runs on a tiny random pipeline, offline, and the failure paths.
 
 No hub here: build_tiny_pipeline writes a random SD v1.x-shaped pipeline with save_pretrained, as a user's
-local model folder would look. bench/bench_lora.py imports the builders below.
+local model folder would look. The builders live in tools/kit.py (bench/bench_lora.py uses them too).
 """
 import json
 
@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from conftest import DEVICES, assert_clean_failure, import_script, result_json, run_script
+from tools.kit import build_tiny_pipeline, save_pipeline, tiny_tokenizer, write_palette  # noqa: F401
 
 SCRIPT = "quest_7_2.py"
 PROMPT = "a red seal"
@@ -22,53 +23,6 @@ PROMPT = "a red seal"
 # lr 1e-2: at the spec's 1e-4 a few steps move the tiny pipeline's output by less than a grey level.
 TINY_RUN = ["--resolution", 32, "--train-batch-size", 2, "--gradient-accumulation-steps", 1, "--max-train-steps", 4,
             "--learning-rate", 1e-2, "--train-prompt", PROMPT]
-
-
-# ---------------------------------------------------------------- builders (no pytest inside: the bench uses them)
-def tiny_tokenizer():
-    """A CLIP tokenizer over single letters. transformers 5's CLIPTokenizer is tokenizers-backed: it takes vocab= and
-    merges= (tuples of tokens in the vocab) directly; vocab_file=/merges_file= would be silently ignored."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for letter in "abcdefghijklmnopqrstuvwxyz":
-        vocab[letter] = len(vocab)
-        vocab[f"{letter}</w>"] = len(vocab)
-    vocab["re</w>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[("r", "e</w>")], model_max_length=77)
-
-
-def save_pipeline(path, text_encoder, vae, unet):
-    """An SD v1.x folder as from_pretrained expects it; the scheduler is SD 1.4's (PNDM, steps_offset=1)."""
-    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              skip_prk_steps=True, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
-                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(path)
-    return path
-
-
-def build_tiny_pipeline(path):
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=37, num_attention_heads=4,
-        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    vae = AutoencoderKL(block_out_channels=(32, 64), latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
-    unet = UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
-                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-                                cross_attention_dim=32, attention_head_dim=8)
-    return save_pipeline(path, text_encoder, vae, unet)
-
-
-def write_palette(path, count=4, size=(48, 40)):
-    """Random-colour images; odd sizes and an RGBA one, as users' folders have (the script crops and converts)."""
-    path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        mode = "RGBA" if index == 0 else "RGB"
-        pixels = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
-        Image.fromarray(pixels, mode).save(path / f"palette_{index}.png")
-    return path
 
 
 # ---------------------------------------------------------------- fixtures

@@ -1,0 +1,139 @@
+"""Helpers shared by tests/ and bench/: real MNIST subsets, running a quest script as a user would, reading
+its result, and a tiny random Stable Diffusion v1.x pipeline (no hub needed). No pytest in here.
+
+    sys.path.insert(0, str(REPO)); from tools.kit import ...
+"""
+import importlib.util
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED_MNIST = REPO / "assets" / "mnist-5k" / "MNIST" / "raw"
+
+# A proxy on a closed local port makes every download fail at once, as on a machine
+# that cannot reach the MNIST mirrors (and keeps tests from ever touching the network).
+OFFLINE_ENV = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9",
+               "HTTP_PROXY": "http://127.0.0.1:9", "HTTPS_PROXY": "http://127.0.0.1:9",
+               "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def _read_idx(path):
+    raw = path.read_bytes()
+    ndim = raw[3]
+    dims = struct.unpack(f">{ndim}I", raw[4:4 + 4 * ndim])
+    return dims, raw[4 + 4 * ndim:]
+
+
+def _write_idx(path, dims, payload):
+    code = 0x08  # unsigned byte, as in MNIST
+    path.write_bytes(struct.pack(">BBBB", 0, 0, code, len(dims)) + struct.pack(f">{len(dims)}I", *dims) + payload)
+
+
+def write_mnist_subset(root, n_train, n_test):
+    """Write the first n_train/n_test shipped digits as <root>/MNIST/raw (torchvision's layout)."""
+    raw_dir = Path(root) / "MNIST" / "raw"
+    raw_dir.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        dims, pixels = _read_idx(SHIPPED_MNIST / f"{split}-images-idx3-ubyte")
+        _write_idx(raw_dir / f"{split}-images-idx3-ubyte", (n, *dims[1:]), pixels[: n * dims[1] * dims[2]])
+        _, labels = _read_idx(SHIPPED_MNIST / f"{split}-labels-idx1-ubyte")
+        _write_idx(raw_dir / f"{split}-labels-idx1-ubyte", (n,), labels[:n])
+    return Path(root)
+
+
+def import_script(script):
+    """A quest script imported as a module, for in-process checks of its parts."""
+    spec = importlib.util.spec_from_file_location(Path(script).stem, REPO / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(script, *args, cwd, env=None, timeout=600):
+    """Run `python <script> args...` as a user would; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **(env or {})}
+    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def result_json(proc):
+    """The script's final JSON line (its OutputResult)."""
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"
+    last = proc.stdout.strip().splitlines()[-1]
+    return json.loads(last)
+
+
+def assert_clean_failure(proc, *words):
+    """Non-zero exit, no traceback, and exactly one stderr line that names the problem."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert len(lines) == 1, f"expected one clear line on stderr, got:\n{proc.stderr}"
+    for word in words:
+        assert word.lower() in lines[0].lower(), lines[0]
+    return lines[0]
+
+
+# ---------------------------------------------------------------- a tiny random SD v1.x pipeline
+# diffusers/transformers are imported here, not at the top: the MNIST tests need neither.
+def _sd():
+    import diffusers
+    import transformers
+    return diffusers, transformers
+
+
+def tiny_tokenizer():
+    """A CLIP tokenizer over single letters. transformers 5's CLIPTokenizer is tokenizers-backed: it takes vocab= and
+    merges= (tuples of tokens in the vocab) directly; vocab_file=/merges_file= would be silently ignored."""
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab[letter] = len(vocab)
+        vocab[f"{letter}</w>"] = len(vocab)
+    vocab["re</w>"] = len(vocab)
+    return _sd()[1].CLIPTokenizer(vocab=vocab, merges=[("r", "e</w>")], model_max_length=77)
+
+
+def save_pipeline(path, text_encoder, vae, unet):
+    """An SD v1.x folder as from_pretrained expects it; the scheduler is SD 1.4's (PNDM, steps_offset=1)."""
+    diffusers = _sd()[0]
+    scheduler = diffusers.PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              skip_prk_steps=True, steps_offset=1)
+    diffusers.StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tiny_tokenizer(), unet=unet,
+                            scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(path)
+    return path
+
+
+def build_tiny_pipeline(path):
+    import torch
+    diffusers, transformers = _sd()
+    torch.manual_seed(0)
+    text_encoder = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+        vocab_size=len(tiny_tokenizer()), hidden_size=32, intermediate_size=37, num_attention_heads=4,
+        num_hidden_layers=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+    vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)
+    unet = diffusers.UNet2DConditionModel(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
+                                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+                                cross_attention_dim=32, attention_head_dim=8)
+    return save_pipeline(path, text_encoder, vae, unet)
+
+
+def write_palette(path, count=4, size=(48, 40)):
+    """Random-colour images; odd sizes and an RGBA one, as users' folders have (the script crops and converts)."""
+    import numpy as np
+    from PIL import Image
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        mode = "RGBA" if index == 0 else "RGB"
+        pixels = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
+        Image.fromarray(pixels, mode).save(path / f"palette_{index}.png")
+    return path
+
+
