@@ -161,17 +161,18 @@ def pick_device(name):
 
 
 def check_output_dir(path, flag):
-    """Before any work: `path` must be (or become) a folder we can write in. Probes with a real file,
-    since os.access says yes to root even on a read-only folder."""
+    """Before any work: `path` must be a folder we can write in, or one we can create. Probes with a real temp
+    file (os.access says yes to root even on a read-only folder) and creates nothing."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        fail(f"{flag} {path} is a file, not a folder; pass a folder path")
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        where = "a file" if existing == path else f"under the file {existing}"
+        fail(f"{flag} {path} is {where}, not a folder; pass a folder path")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
+        with tempfile.TemporaryFile(dir=existing):
             pass
     except OSError as err:
-        fail(f"{flag} {path} is not writable ({err.strerror or err}); pass a folder you can write to")
+        fail(f"{flag} {path} is not writable ({existing}: {err.strerror or err}); pass a folder you can write to")
 
 
 def write_atomically(path, data):
@@ -445,6 +446,7 @@ def cpu_latency_ms(cpu_model, batch):
 
 def save_models(save_dir, cpu_models):
     """Each file through write_atomically: a full disk leaves the earlier teacher.pt/student.pt whole."""
+    save_dir.mkdir(parents=True, exist_ok=True)  # checked before any work; created only now, at the first write
     for name, model in cpu_models.items():
         write_atomically(save_dir / f"{name}.pt", torch_bytes(model.state_dict()))
 

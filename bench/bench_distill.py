@@ -51,6 +51,9 @@ SETTINGS = {
     "aug-consistent-a0.9": [*PLAIN, "--alpha", "0.9", "--augment", "students", "--teacher-targets", "consistent"],
     "aug-consistent-a0.25": [*PLAIN, "--alpha", "0.25", "--augment", "students", "--teacher-targets", "consistent"],
     "aug-all-consistent": [*PLAIN, "--alpha", "0.5", "--augment", "all", "--teacher-targets", "consistent"],
+    # combinations of the two that help on their own: the KD tutorial's alpha and a better teacher
+    "alpha0.25-ema": [*PLAIN, "--alpha", "0.25", "--teacher-ema", "0.99"],
+    "aug-all-a0.25": [*PLAIN, "--alpha", "0.25", "--augment", "all", "--teacher-targets", "consistent"],
     "default": [],  # whatever the script does by default today
 }
 REGIMES = {
