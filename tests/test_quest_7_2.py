@@ -3,22 +3,30 @@
 No hub here: build_tiny_pipeline writes a random SD v1.x-shaped pipeline with save_pretrained, as a user's
 local model folder would look. The builders live in tools/kit.py (bench/bench_lora.py uses them too).
 """
+import errno
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import StableDiffusionPipeline
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from safetensors.torch import load_file, save_file
 
-from conftest import DEVICES, assert_clean_failure, import_script, result_json, run_script
-from tools.kit import build_tiny_pipeline, save_pipeline, tiny_tokenizer, write_palette  # noqa: F401
+from conftest import DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script
+from tools.kit import build_tiny_pipeline, write_palette
 
 SCRIPT = "quest_7_2.py"
 PROMPT = "a red seal"
+KOHYA_FILE = "lora_kohya_for_a1111_forge_comfyui.safetensors"
 # 4 images, 2 per batch, no accumulation: 2 optimizer steps per epoch, so 4 steps = 2 epochs and step 3 is mid-epoch.
 # lr 1e-2: at the spec's 1e-4 a few steps move the tiny pipeline's output by less than a grey level.
 TINY_RUN = ["--resolution", 32, "--train-batch-size", 2, "--gradient-accumulation-steps", 1, "--max-train-steps", 4,
@@ -37,10 +45,10 @@ def palette(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def env(tmp_path_factory):
-    # datasets caches imagefolder under ~/.cache unless HF_HOME says otherwise; one torch thread keeps the tiny
-    # runs quick on a small shared CPU (two threads per process thrash when several processes share two cores).
-    return {"HF_HOME": str(tmp_path_factory.mktemp("hf-home")), "OMP_NUM_THREADS": "1"}
+def env():
+    # One torch thread keeps the tiny runs quick on a small shared CPU (two threads per process thrash when several
+    # processes share two cores). Progress bars show on a terminal only, so a failure's stderr here is its one line.
+    return {"OMP_NUM_THREADS": "1"}
 
 
 def train(tiny_model, palette, out_dir, *extra, env):
@@ -56,8 +64,9 @@ def trained(tiny_model, palette, env, tmp_path_factory):
     def run(device):
         if device not in runs:
             out_dir = tmp_path_factory.mktemp(f"seal-{device}") / "artist_seal"
-            proc = train(tiny_model, palette, out_dir, "--checkpointing-steps", 3, "--validation-prompts", PROMPT,
-                         "--validation-steps", 2, "--device", device, env=env)
+            proc = train(tiny_model, palette, out_dir, "--checkpointing-steps", 1, "--checkpoints-total-limit", 2,
+                         "--validation-prompts", PROMPT, "--validation-steps", 2, "--validation-every", 2,
+                         "--device", device, env=env)
             runs[device] = out_dir, result_json(proc), proc
         return runs[device]
     return run
@@ -74,7 +83,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def quest():
-    """The script as a module, for its argument parsing (fast, no subprocess)."""
+    """The script as a module, for its parts (fast, no subprocess)."""
     return import_script(SCRIPT)
 
 
@@ -82,9 +91,16 @@ def lora_weights(out_dir):
     return load_file(out_dir / "pytorch_lora_weights.safetensors")
 
 
+def message(exit_info):
+    """The one line a SystemExit raised in-process would print."""
+    text = str(exit_info.value.code)
+    assert text.startswith("error: ") and "\n" not in text, text
+    return text
+
+
 # ---------------------------------------------------------------- the tiny run
 @pytest.mark.parametrize("device", DEVICES)
-def test_tiny_run_writes_lora_result_checkpoint_and_validation_image(trained, device):
+def test_tiny_run_writes_loras_result_loss_log_checkpoints_and_validation_images(trained, device):
     out_dir, result, proc = trained(device)
     assert result == json.loads((out_dir / "result.json").read_text())
     assert result["success"] is True and result["outputDir"] == str(out_dir.resolve())
@@ -96,10 +112,30 @@ def test_tiny_run_writes_lora_result_checkpoint_and_validation_image(trained, de
     ups = [tensor for key, tensor in weights.items() if ".lora.up." in key]
     assert ups and all(key.startswith("unet.") for key in weights)
     assert any(tensor.abs().max() > 0 for tensor in ups), "LoRA up-projections start at zero: nothing was trained"
-    assert (out_dir / "checkpoint-3" / "pytorch_lora_weights.safetensors").is_file()
-    assert not list((out_dir / "checkpoint-3").glob("model*")), "a checkpoint holds the LoRA, not the frozen UNet"
-    with Image.open(out_dir / "validation_0.png") as image:
-        assert image.size == (64, 32)  # without | with the LoRA, 32 px each
+    # --checkpointing-steps 1 --checkpoints-total-limit 2: the newest two of four, each complete, no temp folders.
+    assert sorted(p.name for p in out_dir.iterdir() if "checkpoint" in p.name) == ["checkpoint-3", "checkpoint-4"]
+    for checkpoint in ("checkpoint-3", "checkpoint-4"):
+        assert (out_dir / checkpoint / "pytorch_lora_weights.safetensors").is_file()
+        assert (out_dir / checkpoint / "optimizer.bin").is_file()
+        assert not list((out_dir / checkpoint).glob("model*")), "a checkpoint holds the LoRA, not the frozen UNet"
+    # The loss log: one row per optimizer step, finite, and its plot decodes; the checkpoint has the log up to it.
+    rows = (out_dir / "loss_log.csv").read_text().splitlines()
+    assert rows[0] == "step,loss" and [int(row.split(",")[0]) for row in rows[1:]] == [1, 2, 3, 4]
+    assert all(0 < float(row.split(",")[1]) < 10 for row in rows[1:])
+    assert (out_dir / "checkpoint-3" / "loss_log.csv").read_text().splitlines() == rows[:4]
+    for plot in (out_dir / "loss_plot.png", out_dir / "checkpoint-3" / "loss_plot.png"):
+        with Image.open(plot) as image:
+            assert image.size == (800, 450) and len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0)) > 2
+    # Validation: at the end from the saved file, and every 2 steps during training; without | with the LoRA.
+    for name in ("validation_0.png", "validation/step-2_0.png", "validation/step-4_0.png"):
+        with Image.open(out_dir / name) as image:
+            assert image.size == (64, 32)
+    with Image.open(out_dir / "validation/step-4_0.png") as during, Image.open(out_dir / "validation_0.png") as end:
+        # Step 4 is the final LoRA: rendered in training (in memory) and after it (from the file), it is the same.
+        assert np.abs(np.asarray(during, dtype=int) - np.asarray(end, dtype=int)).max() <= 2
+        left, right = np.asarray(end)[:, :32], np.asarray(end)[:, 32:]
+        assert np.abs(left.astype(int) - right.astype(int)).max() > 0, "the LoRA does not change the image"
+    assert not [p for p in out_dir.rglob(".*")], "temp files left behind"
 
 
 def test_lora_reloads_at_trained_strength_and_infers_deterministically(trained, tiny_model, one_thread):
@@ -133,6 +169,40 @@ def test_lora_reloads_at_trained_strength_and_infers_deterministically(trained, 
     np.testing.assert_array_equal(render(), with_lora)  # no LoRA dropout left active at inference
 
 
+def test_kohya_file_has_the_a1111_layout_and_loads_to_the_same_images(trained, tiny_model, one_thread):
+    """The file for AUTOMATIC1111/Forge/ComfyUI: kohya key names with a per-module alpha = lora_alpha, and diffusers'
+    own kohya converter loads it to the same images as the diffusers file."""
+    out_dir, _, _ = trained("cpu")
+    kohya, diffusers_file = load_file(out_dir / KOHYA_FILE), lora_weights(out_dir)
+    modules = {key.split(".")[0] for key in kohya}
+    assert len(modules) == sum(key.endswith(".lora.down.weight") for key in diffusers_file) > 0
+    for module in modules:
+        assert module.startswith("lora_unet_") and "." not in module
+        assert set(k for k in kohya if k.startswith(module + ".")) == {
+            f"{module}.lora_down.weight", f"{module}.lora_up.weight", f"{module}.alpha"}
+        assert kohya[f"{module}.alpha"].ndim == 0 and kohya[f"{module}.alpha"].item() == 32.0
+    example = "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_out_0"
+    torch.testing.assert_close(
+        kohya[f"{example}.lora_down.weight"],
+        diffusers_file["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.down.weight"])
+
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def render():
+        return pipeline(PROMPT, height=32, width=32, num_inference_steps=2, output_type="np",
+                        generator=torch.Generator().manual_seed(0)).images
+
+    images = {}
+    for name in ("pytorch_lora_weights.safetensors", KOHYA_FILE):
+        pipeline.load_lora_weights(out_dir, weight_name=name, adapter_name=name.split(".")[0])
+        pipeline.set_adapters(name.split(".")[0])
+        assert {layer.scaling[name.split(".")[0]] for layer in pipeline.unet.modules() if hasattr(layer, "lora_A")} \
+            == {2.0}, "loaded at another strength than trained"
+        images[name] = render()
+    np.testing.assert_allclose(images[KOHYA_FILE], images["pytorch_lora_weights.safetensors"], atol=1e-6)
+
+
 def test_resume_mid_epoch_gives_the_uninterrupted_run(trained, tiny_model, palette, env, tmp_path):
     out_dir, _, _ = trained("cpu")
     proc = train(tiny_model, palette, tmp_path / "resumed", "--resume", out_dir / "checkpoint-3", "--device", "cpu",
@@ -141,11 +211,15 @@ def test_resume_mid_epoch_gives_the_uninterrupted_run(trained, tiny_model, palet
     resumed, uninterrupted = lora_weights(tmp_path / "resumed"), lora_weights(out_dir)
     for key, tensor in uninterrupted.items():
         torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-6)
+    # The loss log continues the checkpoint's: steps 1-3 from it, step 4 from the resumed run, as uninterrupted.
+    resumed_rows = (tmp_path / "resumed" / "loss_log.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in resumed_rows] == ["step", "1", "2", "3", "4"]
 
 
 def test_same_seed_same_run_with_or_without_cache_and_checkpointing(trained, tiny_model, palette, env, tmp_path):
     """Cached posteriors (both flips) and the live VAE draw the same random numbers, and gradient checkpointing
-    recomputes the same activations: a second run with the same seed is the same training run."""
+    recomputes the same activations: a second run with the same seed is the same training run (validation
+    rendering during the first one left the training RNG alone)."""
     out_dir, cached_result, _ = trained("cpu")
     proc = train(tiny_model, palette, tmp_path / "live", "--no-cache-latents", "--gradient-checkpointing",
                  "--device", "cpu", env=env)
@@ -155,6 +229,27 @@ def test_same_seed_same_run_with_or_without_cache_and_checkpointing(trained, tin
     live, cached = lora_weights(tmp_path / "live"), lora_weights(out_dir)
     for key, tensor in cached.items():
         torch.testing.assert_close(live[key], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_two_processes_write_the_lora_once(tiny_model, palette, env, tmp_path):
+    """torchrun really starts two CPU processes (gloo); only rank 0 writes. 4 images, 1 per process and step: one
+    epoch is 2 optimizer steps of an effective batch of 2. Min-SNR and the noise offset run along."""
+    out_dir = tmp_path / "seal"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / SCRIPT),
+               "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", out_dir, "--device", "cpu",
+               "--resolution", 32, "--train-batch-size", 1, "--gradient-accumulation-steps", 1,
+               "--max-train-steps", 2, "--learning-rate", 1e-2, "--checkpointing-steps", 2,
+               "--snr-gamma", 5, "--noise-offset", 0.05]
+    proc = subprocess.run([str(part) for part in command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **env})
+    result = result_json(proc)
+    assert "training on 2 process(es)" in proc.stdout
+    assert proc.stdout.count("wrote pytorch_lora_weights.safetensors") == 1
+    assert result["steps"] == 2 and result["epochsCompleted"] == 1 and 0 < result["finalLoss"] < 10
+    assert (out_dir / "checkpoint-2" / "random_states_0.pkl").is_file()
+    assert (out_dir / "checkpoint-2" / "random_states_1.pkl").is_file()  # each rank's RNG, for an exact resume
+    assert len(load_file(out_dir / KOHYA_FILE)) > 0 and len(lora_weights(out_dir)) > 0
+    assert not [p for p in out_dir.rglob(".*")], "temp files left behind"
 
 
 # ---------------------------------------------------------------- settings
@@ -168,12 +263,14 @@ def test_defaults_equal_the_spec_and_help_shows_them(quest, capsys, monkeypatch)
     args = quest.parse_args([])
     assert {key: getattr(args, key) for key in SPEC_DEFAULTS} == SPEC_DEFAULTS
     assert args.device == "auto" and args.seed == 0 and args.max_train_steps is None
+    assert (args.noise_offset, args.snr_gamma, args.max_grad_norm, args.mixed_precision) == (0.0, None, 1.0, None)
     with pytest.raises(SystemExit) as exit_info:
         quest.parse_args(["--help"])
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for shown in ("--config JSON_OR_PATH", "../Quest_1/generated_palette", "CompVis/stable-diffusion-v1-4",
-                  "(default: 0.0001)", "--gradient-accumulation-steps", "--checkpointing-steps", "--resume"):
+                  "(default: 0.0001)", "--gradient-accumulation-steps", "--checkpointing-steps", "--resume",
+                  "--snr-gamma", "--noise-offset", "--mixed-precision {no,fp16,bf16}", "--validation-every"):
         assert shown in help_text
 
 
@@ -191,6 +288,8 @@ def test_config_inline_or_file_and_flags_win(quest, tmp_path):
     ('{"resolution": "64"}', ["resolution", "integer"]),
     ('{"learningRate": true}', ["learningRate", "number"]),
     ('{"resolution": 0}', ["--resolution", "positive"]),
+    ('{"learningRate": NaN}', ["--learning-rate", "finite"]),
+    ('{"learningRate": -1e-4}', ["--learning-rate", "above 0"]),
     ("[1, 2]", ["JSON object"]),
     ("{not json", ["not valid JSON"]),
     ("missing.json", ["missing.json", "neither"]),
@@ -198,31 +297,247 @@ def test_config_inline_or_file_and_flags_win(quest, tmp_path):
 def test_bad_config_is_one_clear_line(quest, config, words):
     with pytest.raises(SystemExit) as exit_info:
         quest.parse_args(["--config", config])
-    message = str(exit_info.value.code)
-    assert message.startswith("error: ") and "\n" not in message
+    text = message(exit_info)
     for word in words:
-        assert word in message
+        assert word in text
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--learning-rate", "inf"], ["--learning-rate", "finite"]),
+    (["--learning-rate", "nan"], ["--learning-rate", "finite"]),
+    (["--learning-rate", "0"], ["--learning-rate", "above 0"]),
+    (["--resolution", "0"], ["--resolution", ">= 1"]),
+    (["--noise-offset", "-0.1"], ["--noise-offset", ">= 0"]),
+    (["--snr-gamma", "0"], ["--snr-gamma", "above 0"]),
+    (["--max-grad-norm", "nan"], ["--max-grad-norm", "finite"]),
+    (["--mixed-precision", "fp8"], ["--mixed-precision", "fp8"]),
+    (["--device", "tpu"], ["--device", "tpu"]),
+    (["--validation-every", "5"], ["--validation-every", "--validation-prompts"]),
+])
+def test_bad_numbers_and_choices_stop_before_anything_loads(quest, flags, words):
+    with pytest.raises(SystemExit) as exit_info:
+        quest.parse_args(flags)
+    text = message(exit_info)
+    for word in words:
+        assert word in text
+
+
+def test_mixed_precision_follows_the_flag_then_accelerate_launch_then_the_device(quest, monkeypatch):
+    args = quest.parse_args([])
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # as on an Ampere or newer GPU
+    assert quest.choose_precision(args, torch.device("cuda")) == ("fp16", "the default on cuda")
+    assert quest.choose_precision(args, torch.device("cpu")) == ("no", "the default on cpu")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    assert quest.choose_precision(args, torch.device("cuda"))[0] == "bf16"  # no longer overridden by fp16
+    args = quest.parse_args(["--mixed-precision", "no"])
+    precision, source = quest.choose_precision(args, torch.device("cuda"))
+    assert precision == "no" and "over accelerate launch's bf16" in source  # said, not silent
+    with pytest.raises(SystemExit) as exit_info:
+        quest.choose_precision(quest.parse_args(["--mixed-precision", "fp16"]), torch.device("cpu"))
+    assert "fp16" in message(exit_info) and "GPU" in message(exit_info)
+
+
+def test_min_snr_weighting_is_min_snr_gamma_over_snr(quest):
+    from diffusers import DDPMScheduler
+    scheduler = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    timesteps = torch.tensor([10, 500, 999])
+    prediction, noise = torch.zeros(3, 4, 2, 2), torch.ones(3, 4, 2, 2)  # per-image MSE = 1
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    expected = (torch.clamp(snr, max=5.0) / snr).mean()
+    torch.testing.assert_close(quest.training_loss(prediction, noise, timesteps, scheduler, 5.0), expected)
+    assert quest.training_loss(prediction, noise, timesteps, scheduler, None).item() == 1.0
+    assert snr[0] > 5 > snr[2], "the test must cover both sides of gamma"
+
+
+# ---------------------------------------------------------------- images: decoded up front, odd modes converted
+def write_truncated_png(path):
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:400])
+
+
+def write_png_bomb(path, side=20_000):
+    """A real PNG whose header declares side x side pixels (400 M: over PIL's bomb limit); only a few bytes long."""
+    def chunk(kind, data):
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])  # 8-bit greyscale
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("writer, words", [
+    (write_truncated_png, ["corrupt", "bad.png"]),
+    (lambda path: path.write_text("not a picture, just text"), ["corrupt", "bad.png", "not an image"]),
+    (write_png_bomb, ["bad.png", "too large", "decompression bomb"]),
+])
+def test_a_bad_image_is_named_in_one_line(quest, palette, tmp_path, writer, words):
+    folder = tmp_path / "images"
+    shutil.copytree(palette, folder)
+    writer(folder / "bad.png")
+    with pytest.raises(SystemExit) as exit_info:
+        quest.load_palette(quest.find_images(folder), 32)
+    text = message(exit_info)
+    for word in words:
+        assert word in text
+
+
+def test_a_bad_image_stops_the_run_before_the_model_loads(palette, env, tmp_path):
+    """A model id that cannot load: had the model been loaded first, the error would name it, not the image."""
+    folder = tmp_path / "images"
+    shutil.copytree(palette, folder)
+    write_truncated_png(folder / "z_last.png")
+    proc = run_script(SCRIPT, "--model-id", "no-such-org/no-such-model", "--dataset-dir", folder,
+                      "--output-dir", tmp_path / "seal", cwd=tmp_path, env=env)
+    assert_clean_failure(proc, "z_last.png", "corrupt")
+
+
+def test_16_bit_palette_and_transparent_images_convert_to_the_right_colours(quest, tmp_path):
+    grey16 = (np.arange(64 * 64, dtype=np.uint32).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    with Image.open(tmp_path / "grey16.png") as image:
+        assert image.mode.startswith("I"), image.mode  # PIL opens 16-bit PNGs in an I mode
+    pixels = np.asarray(quest.decode_image(tmp_path / "grey16.png", 64))
+    np.testing.assert_allclose(pixels[..., 0], np.rint(grey16 / 257), atol=1)  # scaled, not clipped to white
+    assert pixels.std() > 50
+
+    indexed = Image.new("P", (64, 64))
+    indexed.putpalette([200, 30, 40] + [10, 120, 220] + [0, 0, 0] * 254)
+    indexed.paste(1, (0, 0, 32, 64))
+    indexed.save(tmp_path / "palette.png")
+    pixels = np.asarray(quest.decode_image(tmp_path / "palette.png", 64))
+    assert tuple(pixels[10, 10]) == (10, 120, 220) and tuple(pixels[10, 50]) == (200, 30, 40)
+
+    indexed.save(tmp_path / "transparent.png", transparency=1)  # palette entry 1 is see-through
+    pixels = np.asarray(quest.decode_image(tmp_path / "transparent.png", 64))
+    assert tuple(pixels[10, 10]) == (255, 255, 255) and tuple(pixels[10, 50]) == (200, 30, 40)
 
 
 # ---------------------------------------------------------------- failures leave nothing behind
-def test_missing_dataset_dir_fails_cleanly_without_output(tiny_model, env, tmp_path):
-    proc = run_script(SCRIPT, "--model-id", tiny_model, "--dataset-dir", tmp_path / "nowhere",
-                      "--output-dir", tmp_path / "seal", cwd=tmp_path, env=env)
-    assert_clean_failure(proc, "datasetDir", "nowhere")
-    assert not (tmp_path / "seal").exists()
-
-
-def test_dataset_dir_without_images_fails_cleanly_without_output(tiny_model, env, tmp_path):
+def test_missing_or_empty_dataset_dir_fails_cleanly_without_output(quest, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        quest.main(["--dataset-dir", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "seal")])
+    assert "datasetDir" in message(exit_info) and "nowhere" in message(exit_info)
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "readme.txt").write_text("no pictures here")
-    proc = run_script(SCRIPT, "--model-id", tiny_model, "--dataset-dir", tmp_path / "notes",
-                      "--output-dir", tmp_path / "seal", cwd=tmp_path, env=env)
-    assert_clean_failure(proc, "no images", "notes")
+    with pytest.raises(SystemExit) as exit_info:
+        quest.main(["--dataset-dir", str(tmp_path / "notes"), "--output-dir", str(tmp_path / "seal")])
+    assert "no images" in message(exit_info) and "notes" in message(exit_info)
     assert not (tmp_path / "seal").exists()
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_unwritable_output_dir_fails_before_any_work(quest, palette, tmp_path, where):
+    (tmp_path / "a-file").write_text("x")
+    output = tmp_path / "a-file" / "seal" if where == "under-a-file" else Path("/proc/seal")
+    with pytest.raises(SystemExit) as exit_info:
+        quest.main(["--dataset-dir", str(palette), "--output-dir", str(output), "--model-id", "never-loaded"])
+    expected = "under the file" if where == "under-a-file" else "not writable"
+    assert "--output-dir" in message(exit_info) and expected in message(exit_info)
 
 
 def test_unloadable_model_id_fails_cleanly_naming_it(palette, env, tmp_path):
     proc = run_script(SCRIPT, "--model-id", "no-such-org/no-such-model", "--dataset-dir", palette,
                       "--output-dir", tmp_path / "seal", cwd=tmp_path, env=env)
     assert_clean_failure(proc, "could not load", "no-such-org/no-such-model")
-    assert not (tmp_path / "seal").exists()
+
+
+def test_a_full_disk_keeps_the_old_lora_and_leaves_no_temp_file(trained, tiny_model, quest, tmp_path, monkeypatch):
+    out_dir, _, _ = trained("cpu")
+    shutil.copy(out_dir / "pytorch_lora_weights.safetensors", tmp_path)
+    before = (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
+    from diffusers import UNet2DConditionModel
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet.add_adapter(quest.LoraConfig(**quest.LORA_CONFIG))
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(quest.os, "fsync", full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        quest.save_lora(unet, tmp_path, kohya=True)
+    assert "disk is full" in message(exit_info) and "pytorch_lora_weights.safetensors" in message(exit_info)
+    assert (tmp_path / "pytorch_lora_weights.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_lora_weights.safetensors"]
+
+
+def test_divergence_stops_naming_the_learning_rate_and_keeps_the_earlier_lora(trained, tiny_model, palette, env,
+                                                                              tmp_path):
+    out_dir, _, _ = trained("cpu")
+    (tmp_path / "seal").mkdir()
+    shutil.copy(out_dir / "pytorch_lora_weights.safetensors", tmp_path / "seal")
+    before = (tmp_path / "seal" / "pytorch_lora_weights.safetensors").read_bytes()
+    proc = run_script(SCRIPT, "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", tmp_path / "seal",
+                      *TINY_RUN[:-4], "--learning-rate", 1e30, "--max-grad-norm", 0, "--device", "cpu",
+                      cwd=tmp_path, env=env)
+    assert_clean_failure(proc, "--learning-rate", "nothing was written")
+    assert (tmp_path / "seal" / "pytorch_lora_weights.safetensors").read_bytes() == before
+    assert not (tmp_path / "seal" / "result.json").exists() and "NaN" not in proc.stdout
+
+
+# ---------------------------------------------------------------- checkpoints and resume
+def test_resume_refuses_what_is_not_a_complete_checkpoint(trained, quest, tmp_path):
+    out_dir, _, _ = trained("cpu")
+    renamed = shutil.copytree(out_dir / "checkpoint-3", tmp_path / "my-backup")
+    half = shutil.copytree(out_dir / "checkpoint-3", tmp_path / "checkpoint-7")
+    (half / "checkpoint.json").unlink()  # as a checkpoint cut off mid-write by an older version would be
+    other_rank = shutil.copytree(out_dir / "checkpoint-3", tmp_path / "checkpoint-3")
+    marker = json.loads((other_rank / "checkpoint.json").read_text())
+    (other_rank / "checkpoint.json").write_text(json.dumps({**marker, "lora": {**marker["lora"], "r": 8}}))
+    for folder, words in [(out_dir, ["final output folder", "checkpoint-N", "--resume latest"]),
+                          (renamed, ["not named checkpoint-N"]),
+                          (half, ["not a complete checkpoint"]),
+                          (other_rank, ["r 8", "r 16"]),
+                          (tmp_path / "nowhere", ["not a folder"])]:
+        with pytest.raises(SystemExit) as exit_info:
+            quest.parse_args(["--resume", str(folder)])
+        text = message(exit_info)
+        assert str(folder) in text
+        for word in words:
+            assert word in text
+
+
+def test_resume_latest_picks_the_newest_complete_checkpoint(trained, quest, tmp_path):
+    out_dir, _, _ = trained("cpu")
+    shutil.copytree(out_dir / "checkpoint-3", tmp_path / "checkpoint-3")
+    shutil.copytree(out_dir / "checkpoint-4", tmp_path / ".checkpoint-9.tmp")  # a save cut off before its rename
+    (tmp_path / "checkpoint-8").mkdir()  # half-written by an older version: no marker, no optimizer state
+    shutil.copy(out_dir / "checkpoint-4" / "pytorch_lora_weights.safetensors", tmp_path / "checkpoint-8")
+    assert quest.latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+
+
+def test_resume_from_another_architecture_is_one_line(trained, tiny_model, palette, env, tmp_path):
+    out_dir, _, _ = trained("cpu")
+    checkpoint = shutil.copytree(out_dir / "checkpoint-3", tmp_path / "checkpoint-3")
+    weights = load_file(checkpoint / "pytorch_lora_weights.safetensors")
+    first = sorted(key for key in weights if key.endswith("lora.down.weight"))[0]
+    weights[first] = torch.zeros(16, weights[first].shape[1] * 2)  # a wider layer: another model's LoRA
+    save_file(weights, checkpoint / "pytorch_lora_weights.safetensors")
+    proc = train(tiny_model, palette, tmp_path / "seal", "--resume", checkpoint, "--device", "cpu", env=env)
+    assert_clean_failure(proc, "another model", "--model-id")
+    assert not (tmp_path / "seal" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(tiny_model, palette, env, tmp_path):
+    out_dir = tmp_path / "seal"
+    command = [sys.executable, str(REPO / SCRIPT), "--model-id", tiny_model, "--dataset-dir", palette,
+               "--output-dir", out_dir, *TINY_RUN[:6], "--max-train-steps", 100_000, "--checkpointing-steps", 2,
+               "--device", "cpu"]
+    process = subprocess.Popen([str(part) for part in command], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **env})
+    try:
+        for line in process.stdout:
+            if line.startswith("saved "):
+                break
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    proc = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+    assert process.returncode == 130
+    line = assert_clean_failure(proc, "interrupted", "--resume latest")
+    named = Path(line.split("newest checkpoint is ")[1].split(":")[0])
+    assert named.parent == out_dir and named.name.startswith("checkpoint-")
+    assert (named / "checkpoint.json").is_file() and (named / "optimizer.bin").is_file()
+    assert not [p for p in out_dir.iterdir() if p.name.startswith(".")], "a half-written checkpoint was left"
+    assert not (out_dir / "pytorch_lora_weights.safetensors").exists()
