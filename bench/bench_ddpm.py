@@ -5,11 +5,22 @@
         batches) vs the spec-literal one (torchvision transforms per sample + DataLoader), same model
         and batch size; and seconds to sample 64 digits with DDPM-300 vs DDIM-50.
 
+    python bench/bench_ddpm.py cpu --base-channels 32 --batch-size 32
+        one training step of the quickstart's UNet in fp32, bf16 autocast, channels_last (fp32 and bf16) and
+        torch.compile + bf16, interleaved in rounds in one process (ratios to fp32 are what to read); then the
+        seconds per digit of DDIM-20 sampling for 64 and 256 digits, one forward pass over all of them vs
+        chunks of --sample-batch-size.
+
     python bench/bench_ddpm.py quality --checkpoint chaos_sculptures/checkpoint.pt --data-dir assets/mnist-5k
-        samples digits from a checkpoint's EMA weights and scores them with a small CNN trained on the
-        real digits: share classified with confidence >= 0.9, and how many of the 10 classes appear.
+        samples digits from a checkpoint's EMA weights and scores them with a small CNN (the judge) trained on
+        the real training digits: the share classified with confidence >= 0.9, how many of the 10 classes
+        appear, and the Frechet distance between the judge's 128-d features of the samples and of as many real
+        test digits (FD; the same n for the real-vs-real reference: test digits [0, n) vs [n, 2n)). Confidence
+        alone rewards thick blob-like 0s and 8s; FD sees when the samples are not distributed like digits.
+        The last line is the figures as JSON, for tables.
 """
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -27,17 +38,20 @@ import quest_12_2 as quest  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", choices=["speed", "quality"])
+    p.add_argument("mode", choices=["speed", "quality", "cpu"])
     p.add_argument("--data-dir", default="assets/mnist-5k")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--base-channels", type=int, default=32, help="speed: UNet width")
     p.add_argument("--batch-size", type=int, default=128, help="speed: training batch")
     p.add_argument("--steps", type=int, default=20, help="speed: timed training steps per pipeline")
+    p.add_argument("--rounds", type=int, default=3, help="cpu: interleaved rounds of timed steps per variant")
+    p.add_argument("--sample-batch-size", type=int, default=64, help="cpu: chunk size for sampling")
     p.add_argument("--checkpoint", type=Path, default=Path("chaos_sculptures/checkpoint.pt"), help="quality")
     p.add_argument("--num-samples", type=int, default=256, help="quality: digits to generate and score")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="quality")
     p.add_argument("--sample-steps", type=int, default=50, help="quality: DDIM steps")
+    p.add_argument("--grid", type=Path, default=None, help="quality: also save the scored samples as a PNG grid")
     return p.parse_args()
 
 
@@ -47,7 +61,8 @@ def sync(device):
 
 
 def time_training(batches, model, optimizer, schedule, steps, device):
-    """Images/s over `steps` training steps fed by `batches` (after two warm-up steps)."""
+    """Images/s over `steps` training steps fed by `batches` (after two warm-up steps), the script's precision."""
+    dtype = quest.autocast_dtype("auto", device)
     seen, start = 0, None
     for i, x0 in enumerate(batches):
         if i == 2:
@@ -55,7 +70,7 @@ def time_training(batches, model, optimizer, schedule, steps, device):
             seen, start = 0, time.perf_counter()
         if i == steps + 2:
             break
-        quest.train_step(model, optimizer, schedule, x0.to(device, non_blocking=True))
+        quest.train_step(model, optimizer, schedule, x0.to(device, non_blocking=True), dtype, 5.0)
         seen += len(x0)
     sync(device)
     return seen / (time.perf_counter() - start)
@@ -131,6 +146,27 @@ def train_digit_classifier(data_dir, device, epochs=8):
     return classifier, accuracy.float().mean().item()
 
 
+def judge_features(classifier, images, chunk=500):
+    """The judge's penultimate activations (128-d) and its softmax, in chunks."""
+    features, probabilities = [], []
+    with torch.no_grad():
+        for part in images.split(chunk):
+            feature = classifier[:-1](part)
+            features.append(feature)
+            probabilities.append(F.softmax(classifier[-1](feature), dim=1))
+    return torch.cat(features).double().cpu().numpy(), torch.cat(probabilities)
+
+
+def frechet_distance(a, b):
+    """||mu_a - mu_b||^2 + Tr(C_a + C_b - 2 sqrt(C_a C_b)), as in FID, on the judge's features."""
+    import numpy as np
+    from scipy import linalg
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
+    return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root.real))
+
+
 def quality(args, device):
     torch.manual_seed(args.seed)
     classifier, test_accuracy = train_digit_classifier(args.data_dir, device)
@@ -138,28 +174,94 @@ def quality(args, device):
     config = checkpoint["config"]
     model = quest.SimpleUNet(base_channels=config["base_channels"], attention=config["attention"]).to(device)
     model.load_state_dict(checkpoint["ema"])
-    schedule = quest.NoiseSchedule(config["timesteps"], device)
+    schedule = quest.NoiseSchedule(config["timesteps"], device, config.get("beta_schedule", "linear"))
     start = time.perf_counter()
-    samples, _, _ = quest.sample(model, schedule, args.num_samples, args.sampler, args.sample_steps, device)
+    samples, _, _ = quest.sample(model, schedule, args.num_samples, args.sampler, args.sample_steps, device,
+                                 dtype=quest.autocast_dtype("auto", device), seed=args.seed)
     seconds = time.perf_counter() - start
-    real = quest.preprocess(datasets.MNIST(args.data_dir, train=False).data[:args.num_samples]).to(device)
+    test_digits = quest.preprocess(datasets.MNIST(args.data_dir, train=False).data).to(device)
+    n = args.num_samples
+    if len(test_digits) < 2 * n:
+        sys.exit(f"error: the real-vs-real reference needs {2 * n} test digits, {args.data_dir} has {len(test_digits)}")
+    if args.grid:
+        args.grid.write_bytes(quest.png_bytes(samples, nrow=16))
     print(f"\ncheckpoint {args.checkpoint} (epoch {checkpoint['epoch']}, base {config['base_channels']}, "
-          f"T={config['timesteps']}), sampler {args.sampler}, "
-          f"{args.num_samples} samples in {seconds:.1f}s")
+          f"T={config['timesteps']}, {config.get('beta_schedule', 'linear')} betas), sampler {args.sampler}"
+          f"{'' if args.sampler == 'ddpm' else '-' + str(args.sample_steps)}, {n} samples in {seconds:.1f}s")
     print(f"judge: CNN trained on the real digits, test accuracy {test_accuracy:.3f}")
-    for name, images in (("generated", samples), ("real test digits (reference)", real)):
-        with torch.no_grad():
-            confidence, label = F.softmax(classifier(images), dim=1).max(dim=1)
+    features = {}
+    figures = {"checkpoint": str(args.checkpoint), "sampler": args.sampler, "n": n}
+    for name, images in (("generated", samples), ("real test digits", test_digits[:n]),
+                         ("real test digits, 2nd half", test_digits[n:2 * n])):
+        features[name], probabilities = judge_features(classifier, images)
+        confidence, label = probabilities.max(dim=1)
         confident = confidence >= 0.9
         counts = torch.bincount(label[confident], minlength=10).tolist()
-        print(f"{name:30} confident (p >= 0.9): {confident.float().mean().item():6.1%}   "
-              f"classes: {sum(c > 0 for c in counts)}/10   per class: {counts}")
+        if name != "real test digits, 2nd half":
+            print(f"{name:20} confident (p >= 0.9): {confident.float().mean().item():6.1%}   "
+                  f"classes: {sum(c > 0 for c in counts)}/10   per class: {counts}")
+        if name == "generated":
+            figures.update(confident=round(confident.float().mean().item(), 4), classes=sum(c > 0 for c in counts))
+    fd = frechet_distance(features["generated"], features["real test digits"])
+    fd_real = frechet_distance(features["real test digits, 2nd half"], features["real test digits"])
+    print(f"Frechet distance to real test digits (judge features, n={n}): generated {fd:.1f}, "
+          f"real-vs-real {fd_real:.1f}, ratio {fd / fd_real:.2f}")
+    figures.update(fd=round(fd, 2), fd_real=round(fd_real, 2), fd_ratio=round(fd / fd_real, 3))
+    print(json.dumps(figures))
+
+
+def cpu_variants(args, device):
+    """Training img/s of one step in each precision/layout, interleaved (a busy machine slows all alike)."""
+    torch.manual_seed(args.seed)
+    schedule = quest.NoiseSchedule(300, device)
+    images = torch.rand(args.batch_size * 8, 1, 32, 32, device=device) * 2 - 1
+    variants = {"fp32": (None, False, False), "bf16 autocast": (torch.bfloat16, False, False),
+                "channels_last fp32": (None, True, False), "channels_last bf16": (torch.bfloat16, True, False),
+                "torch.compile bf16": (torch.bfloat16, False, True)}
+    runs, rates = {}, {name: [] for name in variants}
+    for name, (dtype, channels_last, compiled) in variants.items():
+        model = quest.SimpleUNet(base_channels=args.base_channels).to(device)
+        x = images
+        if channels_last:
+            model, x = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
+        start = time.perf_counter()
+        step_model = torch.compile(model) if compiled else model
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for i in range(3):  # warm-up (and compilation)
+            quest.train_step(step_model, optimizer, schedule, x[:args.batch_size], dtype, 5.0)
+        if compiled:
+            print(f"torch.compile: {time.perf_counter() - start:.0f} s to compile and warm up", flush=True)
+        runs[name] = (step_model, optimizer, x, dtype)
+    for _ in range(args.rounds):
+        for name, (step_model, optimizer, x, dtype) in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            for i in range(args.steps):
+                batch = x[(i % 8) * args.batch_size:(i % 8 + 1) * args.batch_size]
+                quest.train_step(step_model, optimizer, schedule, batch, dtype, 5.0)
+            sync(device)
+            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+    print(f"\ndevice {device}, SimpleUNet base {args.base_channels}, batch {args.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps, best round")
+    print(f"{'variant':22} {'train img/s':>12} {'vs fp32':>8}")
+    for name, values in rates.items():
+        print(f"{name:22} {max(values):12.1f} {max(values) / max(rates['fp32']):7.2f}x")
+
+    model = quest.SimpleUNet(base_channels=args.base_channels).to(device).eval()
+    dtype = quest.autocast_dtype("auto", device)
+    print(f"\n{'DDIM-20 sampling':32} {'seconds':>8} {'ms/digit':>9}")
+    for n in (64, 256):
+        for chunk in sorted({n, args.sample_batch_size}):
+            start = time.perf_counter()
+            quest.sample(model, schedule, n, "ddim", 20, device, batch_size=chunk, dtype=dtype)
+            seconds = time.perf_counter() - start
+            print(f"{n:4} digits, chunks of {chunk:4}        {seconds:8.2f} {1000 * seconds / n:9.1f}")
 
 
 def main():
     args = parse_args()
     device = quest.pick_device(args.device)
-    speed(args, device) if args.mode == "speed" else quality(args, device)
+    {"speed": speed, "quality": quality, "cpu": cpu_variants}[args.mode](args, device)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """quest_12_2.py (DDPM on MNIST): tiny real runs on a few hundred real digits, and its failure paths."""
+import errno
 import shutil
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -7,7 +11,8 @@ from PIL import Image
 from torchvision import datasets, transforms
 from torchvision.transforms.functional import pil_to_tensor
 
-from conftest import DEVICES, assert_clean_failure, import_script, result_json, run_script
+from conftest import DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script
+from tools.kit import terminal_lines
 
 SCRIPT = "quest_12_2.py"
 TINY = ["--epochs", "1", "--timesteps", "20", "--base-channels", "16", "--batch-size", "64", "--num-samples", "8"]
@@ -45,7 +50,8 @@ def test_tiny_run_writes_grid_trajectory_checkpoint_and_json(trained):
     checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["config"]["timesteps"] == 20 and checkpoint["epoch"] == 1
     assert set(checkpoint["model"]) == set(checkpoint["ema"])
-    assert not list(out_dir.glob("*.tmp"))
+    assert not list(out_dir.glob("*.tmp")) and not list(out_dir.glob(".*.tmp"))
+    assert details["betaSchedule"] == "linear-scaled"
 
 
 def test_sample_only_with_ddim_reuses_the_checkpoint(trained, tmp_path):
@@ -100,7 +106,7 @@ def test_unreachable_download_fails_cleanly(tmp_path, dataset, folder):
 def test_cuda_requested_without_cuda_fails_cleanly(mnist_root, tmp_path):
     proc = run_script(SCRIPT, "--device", "cuda", "--data-dir", mnist_root, "--out-dir", tmp_path / "out", *TINY,
                       cwd=tmp_path)
-    assert_clean_failure(proc, "CUDA is not available", "--device cpu")
+    assert_clean_failure(proc, "--device cuda", "not available", "--device cpu")
     assert not (tmp_path / "out").exists()
 
 
@@ -123,3 +129,176 @@ def test_preprocessing_equals_the_spec_transform_pipeline(mnist_root):
     # PIL and torchvision's tensor resize may round one grey level apart (2/255 in [-1, 1] units).
     assert (ours - expected).abs().max() <= 2 / 255 + 1e-6
     assert (ours - expected).abs().mean() < 1e-3
+
+
+# ---------------------------------------------------------------- the schedule and the samplers (issue 15)
+def test_default_schedule_ends_in_pure_noise_and_the_spec_schedule_is_one_flag_away():
+    quest = import_script(SCRIPT)
+    default = quest.NoiseSchedule(300, torch.device("cpu"))
+    assert default.alphas_cumprod[-1] < 1e-3, "x_T still holds the digit: sampling would start from a state never trained"
+    literal = quest.NoiseSchedule(300, torch.device("cpu"), "linear")
+    assert torch.allclose(literal.betas, torch.linspace(1e-4, 0.02, 300))
+    assert literal.alphas_cumprod[-1] > 0.04  # the spec's end points at T=300 leave 0.22 * x0 in x_T
+    cosine = quest.NoiseSchedule(300, torch.device("cpu"), "cosine")
+    assert cosine.alphas_cumprod[-1] < 1e-3 and (cosine.betas > 0).all() and (cosine.betas < 1).all()
+    args = quest.parse_args([])
+    assert args.beta_schedule == "linear-scaled" and args.timesteps == 300 and args.epochs == 20
+    assert args.batch_size == 128 and quest.parse_args(["--beta-schedule", "linear"]).beta_schedule == "linear"
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    quest = import_script(SCRIPT)
+    torch.manual_seed(0)
+    return quest, quest.SimpleUNet(base_channels=8), quest.NoiseSchedule(20, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_chunked_sampling_gives_the_same_images_as_one_pass(tiny_model, sampler):
+    quest, model, schedule = tiny_model
+    cpu = torch.device("cpu")
+    whole, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=3)
+    chunked, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=4, seed=3)
+    assert whole.shape == (10, 1, 32, 32)
+    # the same random draws; only the batch size of the convolutions differs (float rounding)
+    assert torch.allclose(whole, chunked, atol=1e-4), (whole - chunked).abs().max()
+    other, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=4)
+    assert not torch.allclose(whole, other)
+
+
+def test_ddim_stays_in_range_and_rederives_the_noise_from_the_clamped_x0(tiny_model):
+    quest, model, schedule = tiny_model
+    images, snapshots, steps = quest.sample(model, schedule, 6, "ddim", 10, torch.device("cpu"))
+    assert steps == 10 and len(snapshots) == quest.TRAJECTORY_POINTS
+    assert images.min() >= -1 and images.max() <= 1 and torch.isfinite(images).all()
+    # one step from t to t_prev with a wild noise guess: the x0 it lands on is the clamped one, exactly
+    x = torch.randn(2, 1, 32, 32)
+    wild = 50 * torch.randn_like(x)
+    t, t_prev = 10, 5
+    ab, ab_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t_prev]
+    x0 = ((x - (1 - ab).sqrt() * wild) / ab.sqrt()).clamp(-1, 1)
+    x_prev = schedule.ddim_step(x, wild, t, t_prev)
+    noise = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
+    assert torch.allclose(x_prev, ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * noise, atol=1e-5)
+    assert torch.allclose(schedule.ddim_step(x, wild, t, -1), x0, atol=1e-5)  # the last step returns the clamped x0
+
+
+# ---------------------------------------------------------------- faults lose nothing (issue 9)
+@pytest.mark.parametrize("flags, words", [
+    (["--lr", "nan"], ["--lr", "finite"]),
+    (["--lr", "-1"], ["--lr", "above 0"]),
+    (["--ema-decay", "nan"], ["--ema-decay", "[0, 1)"]),
+    (["--ema-decay", "1"], ["--ema-decay", "[0, 1)"]),
+    (["--base-channels", "12"], ["--base-channels", "multiple of 8"]),
+    (["--epochs", "0"], ["--epochs", ">= 1"]),
+    (["--snr-gamma", "inf"], ["--snr-gamma"]),
+    (["--device", "tpu"], ["--device", "invalid choice"]),
+])
+def test_bad_numbers_fail_in_one_line_before_any_work(tmp_path, flags, words):
+    proc = run_script(SCRIPT, "--data-dir", tmp_path / "no-data", "--out-dir", tmp_path / "out", *flags, cwd=tmp_path)
+    assert_clean_failure(proc, *words)
+    assert "usage:" not in proc.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "no-data").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "under-a-file", "proc"])
+def test_unwritable_output_fails_before_training(mnist_root, tmp_path, where):
+    (tmp_path / "a-file").write_text("not a folder")
+    out = {"file": tmp_path / "a-file", "under-a-file": tmp_path / "a-file" / "out", "proc": "/proc/out"}[where]
+    proc = run_script(SCRIPT, "--data-dir", mnist_root, "--out-dir", out, *TINY, cwd=tmp_path)
+    assert_clean_failure(proc, "--out-dir")
+    assert "epoch" not in proc.stdout  # nothing was trained
+
+
+def test_a_checkpoint_that_is_a_folder_or_foreign_fails_in_one_line(mnist_root, tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    proc = run_script(SCRIPT, "--data-dir", mnist_root, "--checkpoint", tmp_path / "ckpt", "--out-dir", tmp_path / "o",
+                      *TINY, cwd=tmp_path)
+    assert_clean_failure(proc, "is a folder")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "foreign.pt")
+    proc = run_script(SCRIPT, "--sample-only", "--checkpoint", tmp_path / "foreign.pt", "--out-dir", tmp_path / "o",
+                      cwd=tmp_path)
+    assert_clean_failure(proc, "not a quest_12_2 checkpoint")
+    (tmp_path / "truncated.pt").write_bytes(b"PK\x03\x04 half a zip")
+    proc = run_script(SCRIPT, "--resume", "--checkpoint", tmp_path / "truncated.pt", "--data-dir", mnist_root,
+                      "--out-dir", tmp_path / "o", cwd=tmp_path)
+    assert_clean_failure(proc, "truncated.pt")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "bad-magic"])
+def test_corrupt_mnist_files_are_called_corrupt_and_named(mnist_root, tmp_path, damage):
+    root = tmp_path / "data"
+    shutil.copytree(mnist_root, root)
+    images = root / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    raw = images.read_bytes()
+    images.write_bytes(raw[: len(raw) // 2] if damage == "truncate" else b"\x00\x00\x09\x03" + raw[4:])
+    proc = run_script(SCRIPT, "--data-dir", root, "--out-dir", tmp_path / "out", *TINY, cwd=tmp_path)
+    assert_clean_failure(proc, "corrupt", "train-images-idx3-ubyte")
+
+
+def test_divergence_stops_without_success_or_nan_and_keeps_the_earlier_checkpoint(trained, mnist_root, tmp_path):
+    device, out_dir, _ = trained
+    checkpoint = tmp_path / "checkpoint.pt"
+    shutil.copy(out_dir / "checkpoint.pt", checkpoint)
+    before = checkpoint.read_bytes()
+    proc = run_script(SCRIPT, "--data-dir", mnist_root, "--out-dir", tmp_path / "out", "--checkpoint", checkpoint,
+                      *TINY, "--lr", "1e6", "--lr-schedule", "constant", "--device", device, cwd=tmp_path)
+    assert_clean_failure(proc, "diverged", "--lr")
+    assert "NaN" not in proc.stdout and '"success": true' not in proc.stdout
+    assert checkpoint.read_bytes() == before, "a diverged run wrote over the earlier checkpoint"
+    assert not (tmp_path / "out" / "new_creation.png").exists()
+
+
+def test_ctrl_c_keeps_the_finished_epochs_and_resume_continues(mnist_root, tmp_path):
+    """A real SIGINT in the middle of epoch 2: one line, exit 130, the epoch-1 checkpoint intact and resumable."""
+    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV}
+    args = ["--data-dir", mnist_root, "--out-dir", tmp_path / "out", "--epochs", "50", "--timesteps", "20",
+            "--base-channels", "8", "--batch-size", "16", "--num-samples", "4", "--device", "cpu"]
+    with open(tmp_path / "stderr.txt", "wb") as stderr_file:  # a file, not a pipe: tqdm must never block on it
+        process = subprocess.Popen([sys.executable, str(REPO / SCRIPT), *map(str, args)], cwd=tmp_path, env=env,
+                                   stdout=subprocess.PIPE, stderr=stderr_file, text=True,
+                                   # as in a terminal, even when the tests run in a background job (SIGINT ignored)
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        for line in process.stdout:  # wait until the first epoch's checkpoint is on disk
+            if line.startswith("epoch 1/50"):
+                break
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=120)
+    stderr = (tmp_path / "stderr.txt").read_bytes().decode()  # keep the carriage returns of the bars
+    lines = terminal_lines(stderr)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and len(lines) == 1 and "--resume" in lines[0], stderr
+    checkpoint = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] >= 1
+    assert not list((tmp_path / "out").glob(".*.tmp"))
+    proc = run_script(SCRIPT, "--resume", *args[:4], "--epochs", str(checkpoint["epoch"] + 1), "--batch-size", "16",
+                      "--num-samples", "4", "--device", "cpu", cwd=tmp_path)
+    assert result_json(proc)["details"]["epochs"] == checkpoint["epoch"] + 1
+
+
+def test_a_full_disk_leaves_no_temp_file_and_the_old_file_intact(tmp_path, monkeypatch):
+    quest = import_script(SCRIPT)
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"the good old checkpoint")
+    real_open = open
+
+    class FullDisk:
+        def __init__(self, path, mode):
+            self.file = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, data):
+            self.file.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(quest, "open", FullDisk, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        quest.write_atomically(target, b"x" * 1000)
+    assert "disk is full" in str(exit_info.value) and str(target) in str(exit_info.value)
+    assert target.read_bytes() == b"the good old checkpoint"
+    assert [path.name for path in tmp_path.iterdir()] == ["checkpoint.pt"]

@@ -54,10 +54,13 @@ def import_script(script):
 
 
 def run_script(script, *args, cwd, env=None, timeout=600):
-    """Run `python <script> args...` as a user would; returns the CompletedProcess."""
+    """Run `python <script> args...` as a user would; returns the CompletedProcess with str output. The bytes
+    are decoded without newline translation, so progress bars keep their carriage returns (terminal_lines)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **(env or {})}
-    return subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=full_env,
+                          capture_output=True, timeout=timeout)
+    proc.stdout, proc.stderr = (stream.decode(errors="replace") for stream in (proc.stdout, proc.stderr))
+    return proc
 
 
 def result_json(proc):
@@ -67,9 +70,16 @@ def result_json(proc):
     return json.loads(last)
 
 
+def terminal_lines(text):
+    """What a terminal shows of a stream: progress bars redraw their line with carriage returns, so each line
+    is what follows its last \\r; blank lines dropped."""
+    shown = (line.rsplit("\r", 1)[-1] for line in text.split("\n"))
+    return [line for line in shown if line.strip()]
+
+
 def assert_clean_failure(proc, *words):
-    """Non-zero exit, no traceback, and exactly one stderr line that names the problem."""
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    """Non-zero exit, no traceback, and exactly one stderr line (as a terminal shows it) that names the problem."""
+    lines = terminal_lines(proc.stderr)
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1, f"expected one clear line on stderr, got:\n{proc.stderr}"
