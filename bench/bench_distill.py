@@ -35,7 +35,7 @@ import quest_13_2  # noqa: E402  (the script itself, so the bench measures exact
 # not silently change what a row measured. Every row keeps the spec's fixed values (T 5, Adam peak lr 0.01,
 # batch 64, the two architectures, the epochs of the regime) and the baseline student always gets the same
 # batches, views and schedule as the distilled one.
-PLAIN = ["--alpha-schedule", "constant", "--match", "probs", "--augment", "none", "--teacher-ema", "0"]
+PLAIN = ["--alpha-schedule", "constant", "--match", "probs", "--distil-on", "all", "--augment", "none", "--teacher-ema", "0"]
 SETTINGS = {
     # the pre-issue-10 default: alpha 0.5, soft targets of the final teacher for the clean images
     "spec": [*PLAIN, "--alpha", "0.5"],
@@ -54,6 +54,9 @@ SETTINGS = {
     # combinations of the two that help on their own: the KD tutorial's alpha and a better teacher
     "alpha0.25-ema": [*PLAIN, "--alpha", "0.25", "--teacher-ema", "0.99"],
     "aug-all-a0.25": [*PLAIN, "--alpha", "0.25", "--augment", "all", "--teacher-targets", "consistent"],
+    # the soft term only where the teacher is right (its mistakes are learnt from the labels alone)
+    "correct": [*PLAIN, "--alpha", "0.5", "--distil-on", "correct"],
+    "correct-aug-all": [*PLAIN, "--alpha", "0.5", "--distil-on", "correct", "--augment", "all"],
     "default": [],  # whatever the script does by default today
 }
 REGIMES = {

@@ -95,6 +95,14 @@ def test_distillation_loss_uses_batchmean_kl_and_alpha(quest):
     torch.testing.assert_close(quest.distillation_loss(student, teacher, labels, T, alpha=1.0), expected_soft)
     torch.testing.assert_close(quest.distillation_loss(student, teacher, labels, T, alpha=0.0), F.cross_entropy(student, labels))
     assert quest.distillation_loss(teacher, teacher, labels, T, alpha=1.0).abs() < 1e-5  # nothing left to learn
+    # --distil-on correct: where the teacher's top class is wrong, that example learns from its label alone
+    half_right = torch.where(torch.arange(8) < 4, teacher.argmax(1), (teacher.argmax(1) + 1) % 10)
+    ce = F.cross_entropy(student, half_right, reduction="none")
+    expected = torch.cat([0.3 * T * T * kl_per_example[:4] + 0.7 * ce[:4], ce[4:]]).mean()
+    torch.testing.assert_close(quest.distillation_loss(student, teacher, half_right, T, 0.3, only_correct=True), expected)
+    labels_right = teacher.argmax(1)  # a teacher that is right everywhere: the plain loss
+    torch.testing.assert_close(quest.distillation_loss(student, teacher, labels_right, T, 0.3, only_correct=True),
+                               quest.distillation_loss(student, teacher, labels_right, T, 0.3))
 
 
 def test_frozen_teacher_gets_no_gradient_even_when_run_inside_the_step(quest):
@@ -274,7 +282,7 @@ def test_every_lever_runs_and_the_baseline_sees_the_same_views(mnist_root, tmp_p
     # Steps-per-epoch stream, augmented views with the teacher run in the step, EMA teacher, logits matching, ramp.
     result = result_json(run_script(SCRIPT, "--data-dir", mnist_root, "--device", "cpu", "--steps-per-epoch", "6",
                                     "--augment", "all", "--teacher-targets", "consistent", "--teacher-ema", "0.9",
-                                    "--match", "logits", "--alpha-schedule", "ramp", *TINY, cwd=tmp_path))
+                                    "--match", "logits", "--alpha-schedule", "ramp", "--distil-on", "correct", *TINY, cwd=tmp_path))
     assert result["stepsPerEpoch"] == 6 and result["teacherUnchanged"] is True
     assert (result["augment"], result["match"], result["teacherEma"]) == ("all", "logits", 0.9)
     for key in ("teacherAccuracy", "studentAccuracy", "baselineAccuracy"):
