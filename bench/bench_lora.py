@@ -1,86 +1,92 @@
-"""Bench for quest_7_2.py: training steps/s with and without the latent cache, and peak VRAM on CUDA.
+"""Bench for quest_7_2.py on the real architecture: a pipeline with SD v1.x's component configs (the 860M-parameter
+UNet, the 4-block VAE, a CLIP ViT-L-sized text encoder) and random weights, built here (no download). Random
+weights are fine for speed and memory. 256 px, batch 1, no gradient accumulation.
 
-CPU part (always): the tests' tiny random pipeline at 64 px, batch 1.
-GPU part (only when CUDA is present): a random pipeline with SD v1.x's real configs (860M-parameter UNet,
-the 4-block VAE, a CLIP ViT-L-sized text encoder) at 256 px, batch 1, fp16, with and without
---gradient-checkpointing. Random weights are fine for speed and memory.
+CPU (when no CUDA, or --cpu): seconds per optimizer step with and without the latent cache, and peak RSS. A full
+SD-size step takes seconds on a small CPU, so only a few steps are measured (--cpu-steps, default 6, the first
+one is warm-up and not counted).
+GPU (CUDA present): steps/s and peak VRAM for fp16 vs bf16 mixed precision, cached vs uncached latents, with and
+without --gradient-checkpointing (8 runs, --gpu-steps each, default 40, the first 10 not counted).
 
-Every figure comes from fresh processes that run quest_7_2.main() for N1 and N2 optimizer steps (on CPU each
-twice, keeping the faster), timing its training loop (quest_7_2.train) apart: steps/s = (N2 - N1) /
-(loop2 - loop1), so warm-up steps cancel out; "prep s" is the rest of the N1 run (loading, latent caching,
-saving). Peak VRAM is torch.cuda.max_memory_allocated over the whole N2 run. On CPU the table also gives steps
-per CPU-second of the process (time.process_time): with one torch thread it matches steps/s on an idle machine
-and drifts less than wall time when other jobs share the cores (not zero: they share caches too).
+Every figure comes from a fresh process that runs quest_7_2.main() as the script would run; the bench only wraps
+quest_7_2.training_loss to time-stamp each step (a step ends in a host sync, .item() of its loss, so the interval
+between two time stamps is one whole step). "prep s" is everything else in that process: loading the model,
+decoding images, caching latents, saving the LoRA. Peak VRAM is torch.cuda.max_memory_allocated during training
+(after the text encoder and, when caching, the VAE are freed) and over the whole run; peak RSS is the process's
+ru_maxrss.
 
-    OMP_NUM_THREADS=1 .venv/bin/python bench/bench_lora.py
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_lora.py          # CPU, about 2.5 min on 2 cores
+    .venv/bin/python bench/bench_lora.py                            # on a CUDA machine: the GPU table
 """
+import argparse
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from tools.kit import build_tiny_pipeline, save_pipeline, write_palette  # noqa: E402
+from tools.kit import save_pipeline, write_palette  # noqa: E402
 
-CPU_STEPS = (20, 120)
-GPU_STEPS = (10, 110)
-CPU_REPEATS = 2  # the faster of two runs: other jobs on a shared CPU only ever slow a run down
+WARMUP = {"cpu": 1, "cuda": 10}
 
 
 def worker(quest_args):
-    """Run quest_7_2.main(quest_args) in this fresh process; print its wall time, the training loop's share and
-    the peak VRAM as the last line."""
+    """Run quest_7_2.main(quest_args) in this fresh process; print step time stamps and memory as the last line."""
+    import torch
     spec = importlib.util.spec_from_file_location("quest_7_2", REPO / "quest_7_2.py")
     quest = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quest)
-    train, timing = quest.train, {}
+    stamps, training_loss, train = [], quest.training_loss, quest.train
 
-    def timed_train(*args):
-        start, cpu_start = time.perf_counter(), time.process_time()
-        stats = train(*args)
+    def stamped_loss(*args):
+        stamps.append(time.perf_counter())
+        return training_loss(*args)
+
+    def train_with_peak(*args, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        timing.update(loop=time.perf_counter() - start, loopCpu=time.process_time() - cpu_start)
+            torch.cuda.reset_peak_memory_stats()
+        stats = train(*args, **kwargs)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+            memory["trainPeakVramGiB"] = torch.cuda.max_memory_allocated() / 2**30
+        stamps.append(time.perf_counter())
         return stats
 
-    quest.train = timed_train  # main() looks train up in the module when it calls it
+    memory = {"trainPeakVramGiB": None}
+    quest.training_loss, quest.train = stamped_loss, train_with_peak  # main() looks both up in the module
     start = time.perf_counter()
     quest.main(quest_args)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
-    print(json.dumps({"seconds": time.perf_counter() - start, "loopSeconds": timing["loop"],
-                      "loopCpuSeconds": timing["loopCpu"], "peakVramGiB": peak}))
+    print(json.dumps({"seconds": time.perf_counter() - start, "stamps": stamps, **memory,
+                      "peakRssGiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
-def measure(model, palette, work, device, resolution, steps, extra):
-    runs = []
-    for n in steps:
-        quest_args = ["--model-id", model, "--dataset-dir", palette, "--output-dir", work / f"out-{n}",
-                      "--device", device, "--resolution", resolution, "--train-batch-size", 1,
-                      "--gradient-accumulation-steps", 1, "--max-train-steps", n, *extra]
-        repeats = []
-        for _ in range(CPU_REPEATS if device == "cpu" else 1):
-            proc = subprocess.run([sys.executable, __file__, "--worker", *map(str, quest_args)], capture_output=True,
-                                  text=True, env={**os.environ, "HF_HOME": str(work / "hf-home")})
-            if proc.returncode != 0:
-                sys.exit(f"error: the bench run {quest_args} failed:\n{proc.stderr[-2000:]}")
-            repeats.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-        runs.append(min(repeats, key=lambda run: run["loopSeconds"]))
-    (n1, n2), (first, second) = steps, runs
-    steps_per_cpu_second = (n2 - n1) / (second["loopCpuSeconds"] - first["loopCpuSeconds"])
-    return {"steps/s": (n2 - n1) / (second["loopSeconds"] - first["loopSeconds"]),
-            "steps/CPU-s": steps_per_cpu_second if device == "cpu" else None,
-            "prep s": first["seconds"] - first["loopSeconds"], "peak VRAM GiB": second["peakVramGiB"]}
+def measure(model, palette, work, device, steps, extra):
+    quest_args = ["--model-id", model, "--dataset-dir", palette, "--output-dir", work, "--device", device,
+                  "--resolution", 256, "--train-batch-size", 1, "--gradient-accumulation-steps", 1,
+                  "--max-train-steps", steps, *extra]
+    proc = subprocess.run([sys.executable, __file__, "--worker", *map(str, quest_args)], capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if proc.returncode != 0:
+        sys.exit(f"error: the bench run {quest_args} failed:\n{proc.stderr[-3000:]}")
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    stamps = run["stamps"][WARMUP[device]:]  # the last stamp is the end of the training loop
+    seconds_per_step = (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+    loop = run["stamps"][-1] - run["stamps"][0]
+    return {"s/step": seconds_per_step, "steps/s": 1 / seconds_per_step, "steps timed": len(stamps) - 1,
+            "prep s": run["seconds"] - loop, "peak VRAM train GiB": run["trainPeakVramGiB"],
+            "peak RSS GiB": run["peakRssGiB"]}
 
 
 def build_sd1_sized_pipeline(path):
     """SD v1.x's component configs with random weights (the tokenizer is the tests' tiny one: ids only)."""
+    import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -93,6 +99,7 @@ def build_sd1_sized_pipeline(path):
                         sample_size=512)
     unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
                                 block_out_channels=(320, 640, 1280, 1280), layers_per_block=2)
+    print(f"SD1.x-sized UNet: {sum(p.numel() for p in unet.parameters()) / 1e6:.0f}M parameters", flush=True)
     return save_pipeline(path, text_encoder, vae, unet)
 
 
@@ -100,40 +107,49 @@ def table(rows):
     columns = list(rows[0])
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
-        cells = [f"{v:.2f}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in row.values()]
+        cells = [f"{v:.3g}" if isinstance(v, float) else ("-" if v is None else str(v)) for v in row.values()]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main():
+    import torch
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="the CPU table even when CUDA is present")
+    parser.add_argument("--cpu-steps", type=int, default=6, help="optimizer steps per CPU run (1 is warm-up)")
+    parser.add_argument("--gpu-steps", type=int, default=40, help="optimizer steps per GPU run (10 are warm-up)")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     rows = []
+    started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tiny = build_tiny_pipeline(work / "tiny")
-        tiny_palette = write_palette(work / "palette-64", count=8, size=(72, 64))
-        for cache in ("--cache-latents", "--no-cache-latents"):
-            figures = measure(tiny, tiny_palette, work / f"cpu{cache}", "cpu", 64, CPU_STEPS, [cache])
-            rows.append({"device": f"cpu, {torch.get_num_threads()} torch thread(s)", "model": "tiny", "px": 64,
-                         "latent cache": cache == "--cache-latents", "grad ckpt": False, **figures})
-        if torch.cuda.is_available():
-            sd1 = build_sd1_sized_pipeline(work / "sd1")
-            sd1_palette = write_palette(work / "palette-256", count=8, size=(320, 288))
-            for checkpointing in ([], ["--gradient-checkpointing"]):
-                for cache in ("--cache-latents", "--no-cache-latents"):
-                    figures = measure(sd1, sd1_palette, work / f"gpu{cache}{len(checkpointing)}", "cuda", 256,
-                                      GPU_STEPS, [cache, *checkpointing])
-                    rows.append({"device": torch.cuda.get_device_name(), "model": "SD1.x-sized", "px": 256,
-                                 "latent cache": cache == "--cache-latents", "grad ckpt": bool(checkpointing),
-                                 **figures})
+        sd1 = build_sd1_sized_pipeline(work / "sd1")
+        palette = write_palette(work / "palette-256", count=8, size=(320, 288))
+        print(f"built in {time.perf_counter() - started:.0f} s", flush=True)
+        if device == "cpu":
+            name = f"cpu, {torch.get_num_threads()} torch threads"
+            for cache in ("--cache-latents", "--no-cache-latents"):
+                figures = measure(sd1, palette, work / f"out{cache}", "cpu", args.cpu_steps, [cache])
+                rows.append({"device": name, "precision": "fp32", "latent cache": cache == "--cache-latents",
+                             "grad ckpt": False, **figures})
+                print(table(rows[-1:]).splitlines()[-1], flush=True)
         else:
-            print("no CUDA here: GPU part (SD1.x-sized UNet, 256 px, fp16, peak VRAM) skipped")
+            name = torch.cuda.get_device_name()
+            for precision in ("fp16", "bf16"):
+                for checkpointing in ([], ["--gradient-checkpointing"]):
+                    for cache in ("--cache-latents", "--no-cache-latents"):
+                        figures = measure(sd1, palette, work / f"out-{precision}{cache}{len(checkpointing)}", "cuda",
+                                          args.gpu_steps, ["--mixed-precision", precision, cache, *checkpointing])
+                        rows.append({"device": name, "precision": precision, "latent cache": cache == "--cache-latents",
+                                     "grad ckpt": bool(checkpointing), **figures})
+                        print(table(rows[-1:]).splitlines()[-1], flush=True)
+    print(f"\nSD1.x-sized UNet (860M, random weights), 256 px, batch 1, torch {torch.__version__}; "
+          f"bench wall time {time.perf_counter() - started:.0f} s")
     print(table(rows))
-    for device, model in {(row["device"], row["model"]) for row in rows}:
-        same = [row for row in rows if (row["device"], row["model"]) == (device, model) and not row["grad ckpt"]]
-        for rate in ("steps/s", "steps/CPU-s"):
-            cached, live = (next(r[rate] for r in same if r["latent cache"] is flag) for flag in (True, False))
-            if cached is not None:
-                print(f"latent cache speed-up in {rate}, {model} on {device}: x{cached / live:.2f}")
+    same = [row for row in rows if not row["grad ckpt"] and row["precision"] == rows[0]["precision"]]
+    cached, live = (next(r["s/step"] for r in same if r["latent cache"] is flag) for flag in (True, False))
+    print(f"latent cache speed-up ({rows[0]['precision']}, no grad ckpt): x{live / cached:.2f}")
 
 
 if __name__ == "__main__":
