@@ -457,7 +457,10 @@ def cpu_latency_ms(cpu_model, batch):
 
 def save_models(save_dir, cpu_models):
     """Each file through write_atomically: a full disk leaves the earlier teacher.pt/student.pt whole."""
-    save_dir.mkdir(parents=True, exist_ok=True)  # checked before any work; created only now, at the first write
+    try:  # checked before any work; created only now, at the first write
+        save_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        fail(f"could not create --save-dir {save_dir} ({err.strerror or err}); pass a folder you can write to")
     for name, model in cpu_models.items():
         write_atomically(save_dir / f"{name}.pt", torch_bytes(model.state_dict()))
 
