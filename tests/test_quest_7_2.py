@@ -522,9 +522,11 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tiny_model, palette, env, tm
     command = [sys.executable, str(REPO / SCRIPT), "--model-id", tiny_model, "--dataset-dir", palette,
                "--output-dir", out_dir, *TINY_RUN[:6], "--max-train-steps", 100_000, "--checkpointing-steps", 2,
                "--device", "cpu"]
+    # A default SIGINT in the child: a shell's background job (CI under nohup or &) starts with SIGINT ignored.
     process = subprocess.Popen([str(part) for part in command], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **env})
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **env},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         for line in process.stdout:
             if line.startswith("saved "):
