@@ -426,7 +426,8 @@ def train(model, ema, optimizer, schedule, images, args, device, first_epoch, sa
     for epoch in range(first_epoch, args.epochs):
         order = torch.randperm(len(images), device=device)
         total = torch.zeros((), device=device)  # summed on the device: no GPU sync per step
-        with tqdm(range(batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False) as bar:  # closed on any exit
+        with tqdm(range(batches), desc=f"epoch {epoch + 1}/{args.epochs}", leave=False,
+                  disable=None) as bar:  # a bar only on a terminal; closed on any exit
             for i in bar:
                 for group in optimizer.param_groups:
                     group["lr"] = args.lr * lr_factor(epoch * batches + i, total_steps, args)
@@ -463,7 +464,7 @@ def sample(model, schedule, num_samples, sampler, sample_steps, device, batch_si
     generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn(num_samples, 1, IMAGE_SIZE, IMAGE_SIZE, device=device, generator=generator)
     snapshots = [x[:8].clamp(-1, 1)]
-    with tqdm(steps, desc=f"sampling ({sampler}, {len(steps)} steps)", leave=False) as bar:
+    with tqdm(steps, desc=f"sampling ({sampler}, {len(steps)} steps)", leave=False, disable=None) as bar:
         for i, t in enumerate(bar):
             noise = torch.randn(x.shape, device=device, generator=generator) if sampler == "ddpm" else None
             for chunk in range(0, num_samples, batch_size):
