@@ -1,5 +1,4 @@
 """quest_12_2.py (DDPM on MNIST): tiny real runs on a few hundred real digits, and its failure paths."""
-import errno
 import shutil
 import signal
 import subprocess
@@ -12,7 +11,7 @@ from torchvision import datasets, transforms
 from torchvision.transforms.functional import pil_to_tensor
 
 from conftest import DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script
-from tools.kit import terminal_lines
+from tools.kit import FullDiskFile, terminal_lines
 
 SCRIPT = "quest_12_2.py"
 TINY = ["--epochs", "1", "--timesteps", "20", "--base-channels", "16", "--batch-size", "64", "--num-samples", "8"]
@@ -280,23 +279,7 @@ def test_a_full_disk_leaves_no_temp_file_and_the_old_file_intact(tmp_path, monke
     quest = import_script(SCRIPT)
     target = tmp_path / "checkpoint.pt"
     target.write_bytes(b"the good old checkpoint")
-    real_open = open
-
-    class FullDisk:
-        def __init__(self, path, mode):
-            self.file = real_open(path, mode)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-        def write(self, data):
-            self.file.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(quest, "open", FullDisk, raising=False)
+    monkeypatch.setattr(quest, "open", FullDiskFile, raising=False)
     with pytest.raises(SystemExit) as exit_info:
         quest.write_atomically(target, b"x" * 1000)
     assert "disk is full" in str(exit_info.value) and str(target) in str(exit_info.value)

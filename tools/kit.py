@@ -3,6 +3,7 @@ its result, and a tiny random Stable Diffusion v1.x pipeline (no hub needed). No
 
     sys.path.insert(0, str(REPO)); from tools.kit import ...
 """
+import errno
 import importlib.util
 import json
 import os
@@ -86,6 +87,27 @@ def assert_clean_failure(proc, *words):
     for word in words:
         assert word.lower() in lines[0].lower(), lines[0]
     return lines[0]
+
+
+class FullDiskFile:
+    """Stands in for a script's `open` (monkeypatch.setattr(script, "open", FullDiskFile, raising=False)): the real
+    file, but the disk fills up halfway through the first write, as ENOSPC does."""
+
+    def __init__(self, path, mode="r", *args, **kwargs):
+        self.file = open(path, mode, *args, **kwargs)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+    def write(self, data):
+        self.file.write(data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
 
 
 # ---------------------------------------------------------------- a tiny random SD v1.x pipeline
