@@ -1,5 +1,4 @@
 """quest_13_2.py (knowledge distillation): run it as a user would, on a few hundred real digits."""
-import errno
 import math
 import os
 import signal
@@ -11,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import (DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script,
                       write_mnist_subset)
+from tools.kit import FullDiskFile
 
 SCRIPT = "quest_13_2.py"
 TINY = ("--batch-size", "128")  # 512 train digits: 4 steps per epoch keeps each run to seconds
@@ -252,24 +252,7 @@ def test_full_disk_leaves_the_earlier_teacher_whole_and_no_temp_file(mnist_root,
     models.mkdir()
     models.joinpath("teacher.pt").write_bytes(b"an earlier teacher")
 
-    class FullDisk:  # the real file, but the disk fills up halfway through the write
-        def __init__(self, path, mode):
-            self.file = open(path, mode)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.file.close()
-
-        def write(self, data):
-            self.file.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def __getattr__(self, name):
-            return getattr(self.file, name)
-
-    monkeypatch.setattr(quest, "open", FullDisk, raising=False)  # the script's own writes only
+    monkeypatch.setattr(quest, "open", FullDiskFile, raising=False)  # the script's own writes only
     with pytest.raises(SystemExit) as exit_info:
         quest.main(["--data-dir", str(mnist_root), "--device", "cpu", "--no-baseline", "--save-dir", str(models), *TINY])
     message = str(exit_info.value.code)
