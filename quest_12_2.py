@@ -136,15 +136,15 @@ def ema_decay(text):
 
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist")
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="torchvision dataset to learn")
     p.add_argument("--data-dir", default="./data",
                    help="dataset root; MNIST is downloaded here unless <data-dir>/MNIST/raw already holds it")
-    p.add_argument("--epochs", type=positive_int, default=20)
-    p.add_argument("--batch-size", type=positive_int, default=128)
+    p.add_argument("--epochs", type=positive_int, default=20, help="passes over the training set")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="training images per step")
     p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (the peak, with --lr-schedule cosine)")
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
                    help="cosine: linear warm-up over --warmup-steps, then cosine decay to lr/10; constant: the spec")
-    p.add_argument("--warmup-steps", type=int, default=100)
+    p.add_argument("--warmup-steps", type=int, default=100, help="steps of linear lr warm-up (0 = none)")
     p.add_argument("--timesteps", type=positive_int, default=300, help="diffusion steps T")
     p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="linear-scaled",
                    help="linear-scaled: Ho et al.'s linear betas with end points scaled by 1000/T so that x_T is pure "
@@ -155,7 +155,7 @@ def parse_args(argv=None):
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
                    help="self-attention at the 8x8 bottleneck")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights used for sampling")
-    p.add_argument("--num-samples", type=positive_int, default=64)
+    p.add_argument("--num-samples", type=positive_int, default=64, help="digits to generate")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm: Ho et al. Algorithm 2 over all T steps; ddim: deterministic (eta 0), few steps")
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps (DDPM always runs all T steps)")
@@ -168,8 +168,9 @@ def parse_args(argv=None):
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
                    help="auto: bf16 autocast on CUDA and on CPUs with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet for training")
-    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
+                   help="auto: CUDA, then Apple MPS, then CPU")
+    p.add_argument("--seed", type=int, default=0, help="seeds everything: same seed + device, same digits")
     args = p.parse_args(argv)
     if args.sample_only and args.resume:
         p.error("--sample-only and --resume exclude each other")
