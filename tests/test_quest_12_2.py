@@ -1,8 +1,5 @@
 """quest_12_2.py (DDPM on MNIST): tiny real runs on a few hundred real digits, and its failure paths."""
 import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -10,8 +7,8 @@ from PIL import Image
 from torchvision import datasets, transforms
 from torchvision.transforms.functional import pil_to_tensor
 
-from conftest import DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script
-from tools.kit import FullDiskFile, terminal_lines
+from conftest import DEVICES, assert_clean_failure, import_script, result_json, run_script
+from tools.kit import FullDiskFile, interrupt_script
 
 SCRIPT = "quest_12_2.py"
 TINY = ["--epochs", "1", "--timesteps", "20", "--base-channels", "16", "--batch-size", "64", "--num-samples", "8"]
@@ -250,23 +247,11 @@ def test_divergence_stops_without_success_or_nan_and_keeps_the_earlier_checkpoin
 
 def test_ctrl_c_keeps_the_finished_epochs_and_resume_continues(mnist_root, tmp_path):
     """A real SIGINT in the middle of epoch 2: one line, exit 130, the epoch-1 checkpoint intact and resumable."""
-    env = {**__import__("os").environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV}
     args = ["--data-dir", mnist_root, "--out-dir", tmp_path / "out", "--epochs", "50", "--timesteps", "20",
             "--base-channels", "8", "--batch-size", "16", "--num-samples", "4", "--device", "cpu"]
-    with open(tmp_path / "stderr.txt", "wb") as stderr_file:  # a file, not a pipe: tqdm must never block on it
-        process = subprocess.Popen([sys.executable, str(REPO / SCRIPT), *map(str, args)], cwd=tmp_path, env=env,
-                                   stdout=subprocess.PIPE, stderr=stderr_file, text=True,
-                                   # as in a terminal, even when the tests run in a background job (SIGINT ignored)
-                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        for line in process.stdout:  # wait until the first epoch's checkpoint is on disk
-            if line.startswith("epoch 1/50"):
-                break
-        process.send_signal(signal.SIGINT)
-        process.communicate(timeout=120)
-    stderr = (tmp_path / "stderr.txt").read_bytes().decode()  # keep the carriage returns of the bars
-    lines = terminal_lines(stderr)
-    assert process.returncode == 130, stderr
-    assert "Traceback" not in stderr and len(lines) == 1 and "--resume" in lines[0], stderr
+    proc = interrupt_script(SCRIPT, *args, ready="epoch 1/50", cwd=tmp_path)  # the epoch-1 checkpoint is on disk
+    assert proc.returncode == 130, proc.stderr
+    assert "--resume" in assert_clean_failure(proc, "interrupted")
     checkpoint = torch.load(tmp_path / "out" / "checkpoint.pt", weights_only=True)
     assert checkpoint["epoch"] >= 1
     assert not list((tmp_path / "out").glob(".*.tmp"))

@@ -1,16 +1,12 @@
 """quest_13_2.py (knowledge distillation): run it as a user would, on a few hundred real digits."""
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import (DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script,
+from conftest import (DEVICES, assert_clean_failure, import_script, result_json, run_script,
                       write_mnist_subset)
-from tools.kit import FullDiskFile
+from tools.kit import FullDiskFile, interrupt_script
 
 SCRIPT = "quest_13_2.py"
 TINY = ("--batch-size", "128")  # 512 train digits: 4 steps per epoch keeps each run to seconds
@@ -225,24 +221,10 @@ def test_ctrl_c_ends_in_one_line_with_exit_130_and_keeps_earlier_models(mnist_ro
     models = tmp_path / "models"
     models.mkdir()
     models.joinpath("teacher.pt").write_bytes(b"an earlier teacher")
-    proc = subprocess.Popen([sys.executable, str(REPO / SCRIPT), "--data-dir", str(mnist_root), "--device", "cpu",
-                             "--teacher-epochs", "500", "--save-dir", str(models), *TINY],
-                            cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # a shell's background job inherits SIGINT ignored, and Python then never raises
-                            # KeyboardInterrupt: give the child the terminal's default, as a user's run has
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        for line in proc.stdout:  # training has started once it reports an epoch
-            if "epoch 1/" in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert proc.returncode == 130, stderr
-    assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in stderr, stderr
+    proc = interrupt_script(SCRIPT, "--data-dir", mnist_root, "--device", "cpu", "--teacher-epochs", "500",
+                            "--save-dir", models, *TINY, ready="teacher ", cwd=tmp_path)  # its first epoch line
+    assert proc.returncode == 130, proc.stderr
+    assert_clean_failure(proc, "interrupted")
     assert sorted(p.name for p in models.iterdir()) == ["teacher.pt"]
     assert models.joinpath("teacher.pt").read_bytes() == b"an earlier teacher"
 

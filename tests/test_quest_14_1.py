@@ -4,18 +4,15 @@ fault class: bad numbers, bad output folders, corrupt data, divergence, a full d
 import errno
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 from torchvision import datasets, transforms
 
-from conftest import (DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script,
+from conftest import (DEVICES, assert_clean_failure, import_script, result_json, run_script,
                       write_mnist_subset)
+from tools.kit import interrupt_script
 
 SCRIPT = "quest_14_1.py"
 TINY = ["--train-batches", "3", "--calib-batches", "2", "--batch-size", "32", "--latency-seconds", "0.05"]
@@ -386,23 +383,10 @@ def test_ctrl_c_ends_in_one_line_exit_130_and_leaves_nothing(mnist_root, tmp_pat
     (tmp_path / "work").mkdir()
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "mini_cnn_int8.pt").write_bytes(b"an earlier good model")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV}
-    proc = subprocess.Popen([sys.executable, str(REPO / SCRIPT), "--data-dir", str(mnist_root), "--device", "cpu",
-                             "--work-dir", "work", "--save-dir", "out", "--train-batches", "1000000"],
-                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            # a runner started in the background hands SIGINT down ignored: give the child Python's default
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        for line in proc.stdout:
-            if line.startswith("act 1:"):
-                break
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: interrupted (Ctrl-C)") and "Traceback" not in stderr
+    proc = interrupt_script(SCRIPT, "--data-dir", mnist_root, "--device", "cpu", "--work-dir", "work",
+                            "--save-dir", "out", "--train-batches", "1000000", ready="act 1:", cwd=tmp_path)
+    assert proc.returncode == 130, proc.stderr
+    lines = [assert_clean_failure(proc, "interrupted (Ctrl-C)")]
     assert "nothing was saved" in lines[0]
     assert list((tmp_path / "work").iterdir()) == []
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mini_cnn_int8.pt"]

@@ -7,7 +7,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import zlib
@@ -22,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script
-from tools.kit import build_tiny_pipeline, write_palette
+from tools.kit import build_tiny_pipeline, interrupt_script, write_palette
 
 SCRIPT = "quest_7_2.py"
 PROMPT = "a red seal"
@@ -519,24 +518,10 @@ def test_resume_from_another_architecture_is_one_line(trained, tiny_model, palet
 
 def test_ctrl_c_names_the_checkpoint_to_resume_from(tiny_model, palette, env, tmp_path):
     out_dir = tmp_path / "seal"
-    command = [sys.executable, str(REPO / SCRIPT), "--model-id", tiny_model, "--dataset-dir", palette,
-               "--output-dir", out_dir, *TINY_RUN[:6], "--max-train-steps", 100_000, "--checkpointing-steps", 2,
-               "--device", "cpu"]
-    # A default SIGINT in the child: a shell's background job (CI under nohup or &) starts with SIGINT ignored.
-    process = subprocess.Popen([str(part) for part in command], cwd=tmp_path, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **env},
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        for line in process.stdout:
-            if line.startswith("saved "):
-                break
-        process.send_signal(signal.SIGINT)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    proc = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
-    assert process.returncode == 130
+    proc = interrupt_script(SCRIPT, "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", out_dir,
+                            *TINY_RUN[:6], "--max-train-steps", 100_000, "--checkpointing-steps", 2, "--device", "cpu",
+                            ready="saved ", cwd=tmp_path, env=env)
+    assert proc.returncode == 130, proc.stderr
     line = assert_clean_failure(proc, "interrupted", "--resume latest")
     named = Path(line.split("newest checkpoint is ")[1].split(":")[0])
     assert named.parent == out_dir and named.name.startswith("checkpoint-")

@@ -7,9 +7,11 @@ import errno
 import importlib.util
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,6 +64,32 @@ def run_script(script, *args, cwd, env=None, timeout=600):
                           capture_output=True, timeout=timeout)
     proc.stdout, proc.stderr = (stream.decode(errors="replace") for stream in (proc.stdout, proc.stderr))
     return proc
+
+
+def interrupt_script(script, *args, ready, cwd, env=None, timeout=120):
+    """Run the script as a user would, wait for a stdout line that starts with `ready`, press Ctrl-C (a real
+    SIGINT) and return the CompletedProcess, str output with carriage returns kept. The child gets the default
+    SIGINT handler: a job started in the background (`cmd &`, CI under nohup) hands SIGINT down ignored, and
+    Python then never raises KeyboardInterrupt. stderr goes to a file, so progress bars never block on a pipe."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **(env or {})}
+    command = [sys.executable, str(REPO / script), *map(str, args)]
+    with tempfile.TemporaryFile() as stderr_file:
+        process = subprocess.Popen(command, cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=stderr_file,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            seen = []
+            for line in process.stdout:
+                seen.append(line)
+                if line.decode(errors="replace").startswith(ready):
+                    break
+            process.send_signal(signal.SIGINT)
+            rest, _ = process.communicate(timeout=timeout)
+        finally:
+            process.kill()  # only if it is still running after a failed wait
+        stderr_file.seek(0)
+        stderr = stderr_file.read().decode(errors="replace")
+    stdout = (b"".join(seen) + rest).decode(errors="replace")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def result_json(proc):
