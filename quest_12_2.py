@@ -141,7 +141,8 @@ def parse_args(argv=None):
                    help="dataset root; MNIST is downloaded here unless <data-dir>/MNIST/raw already holds it")
     p.add_argument("--epochs", type=positive_int, default=20, help="passes over the training set")
     p.add_argument("--batch-size", type=positive_int, default=128, help="training images per step")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="Adam learning rate (the peak, with --lr-schedule cosine)")
+    p.add_argument("--lr", type=positive_float, default=2e-3,
+                   help="Adam learning rate, the peak of --lr-schedule cosine (the spec: 1e-3, constant)")
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
                    help="cosine: linear warm-up over --warmup-steps, then cosine decay to lr/10; constant: the spec")
     p.add_argument("--warmup-steps", type=int, default=100, help="steps of linear lr warm-up (0 = none)")
@@ -440,7 +441,7 @@ def train(model, ema, optimizer, schedule, images, args, device, first_epoch, sa
                     running = total.item() / (i + 1)
                     if not math.isfinite(running):
                         fail(f"training diverged in epoch {epoch + 1} (loss {running}); nothing was saved over earlier "
-                             f"outputs; lower --lr (now {args.lr:g}, the default is 1e-3)")
+                             f"outputs; lower --lr (now {args.lr:g}; try {args.lr / 10:g})")
                     bar.set_postfix(loss=f"{running:.4f}")
         epoch_losses.append(total.item() / batches)
         save_epoch(epoch + 1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The ablation behind quest_12_2's defaults: each row trains the quickstart-sized model (4,000 shipped digits,
-# base 32, batch 32) with the script's defaults (linear-scaled betas, warm-up + cosine lr, Min-SNR-5) or with
-# some of them switched back to the spec, then bench_ddpm.py quality scores 256 DDPM and 256
+# base 32, batch 32) with the script's defaults (linear-scaled betas, warm-up + cosine lr, Min-SNR-5, peak lr
+# 2e-3) or with some of them switched back to the spec, then bench_ddpm.py quality scores 256 DDPM and 256
 # DDIM-50 samples (confident share, classes, Frechet distance in the judge's features vs real-vs-real).
 #   bash bench/ddpm_ablation.sh [OUT_DIR] [SEEDS] [EPOCHS] [ROWS]   e.g. bash bench/ddpm_ablation.sh bench/out/ablation "0 1" 15
 # ROWS: a regular expression picking rows by name (default: all).
@@ -13,11 +13,11 @@ py=${PYTHON:-python3}  # e.g. PYTHON="flock /tmp/torch.lock .venv/bin/python" on
 mkdir -p "$out"
 common="--data-dir assets/mnist-5k --epochs $epochs --batch-size 32 --base-channels 32 --num-samples 8"
 rows=(
+  "spec|--beta-schedule linear --lr-schedule constant --warmup-steps 0 --snr-gamma 0 --lr 1e-3"
+  "scaled-betas|--lr-schedule constant --warmup-steps 0 --snr-gamma 0 --lr 1e-3"
+  "scaled+lr-sched|--snr-gamma 0 --lr 1e-3"
+  "scaled+lr-sched+minsnr|--lr 1e-3"
   "default|"
-  "spec|--beta-schedule linear --lr-schedule constant --warmup-steps 0 --snr-gamma 0"
-  "scaled-betas|--lr-schedule constant --warmup-steps 0 --snr-gamma 0"
-  "scaled+lr-sched|--snr-gamma 0"
-  "default+lr2e-3|--lr 2e-3"
 )
 for seed in $seeds; do
   for row in "${rows[@]}"; do
