@@ -417,10 +417,9 @@ def train_step(model, optimizer, schedule, x0, dtype, snr_gamma):
     return loss.detach()
 
 
-def train(model, ema, optimizer, schedule, images, args, device, first_epoch, save_epoch):
+def train(model, ema, optimizer, schedule, images, args, device, dtype, first_epoch, save_epoch):
     """Train up to --epochs; after every epoch `save_epoch(epoch)` checkpoints, so Ctrl-C loses one epoch at most."""
     step_model = torch.compile(model) if args.compile else model
-    dtype = autocast_dtype(args.precision, device)
     batches = math.ceil(len(images) / args.batch_size)
     total_steps = args.epochs * batches
     epoch_losses, seen, start = [], 0, time.perf_counter()
@@ -507,6 +506,7 @@ def load_checkpoint(path, device):
 def main(argv=None):
     args = parse_args(argv)
     device = pick_device(args.device)
+    dtype = autocast_dtype(args.precision, device)  # decided once, for training and sampling
     torch.manual_seed(args.seed)
     out_dir = Path(args.out_dir)
     # Every place a file will go is checked before any data, model or training.
@@ -544,7 +544,6 @@ def main(argv=None):
         ema.updates = checkpoint.get("ema_updates", 0)
         first_epoch = checkpoint["epoch"]
     epochs_done = first_epoch
-    dtype = autocast_dtype(args.precision, device)
     print(f"device {device} ({str(dtype).replace('torch.', '') if dtype else 'fp32'}), SimpleUNet "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, T={schedule.timesteps} "
           f"({config['beta_schedule']} betas, alpha_bar_T={schedule.alphas_cumprod[-1].item():.2g})", flush=True)
@@ -554,18 +553,22 @@ def main(argv=None):
         print(f"{len(images)} training images of {config['dataset']} on {device}; a checkpoint is saved to "
               f"{args.checkpoint} after every epoch", flush=True)
 
+        saved_epochs = []
+
         def save_epoch(epoch):
+            saved_epochs.append(epoch)
             args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(args.checkpoint, torch_bytes({
                 "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config}))
 
         try:
-            epoch_losses, images_per_s = train(model, ema, optimizer, schedule, images, args, device, first_epoch,
-                                               save_epoch)
+            epoch_losses, images_per_s = train(model, ema, optimizer, schedule, images, args, device, dtype,
+                                               first_epoch, save_epoch)
         except KeyboardInterrupt:
-            kept = (f"{args.checkpoint} holds the last finished epoch; continue with --resume --checkpoint "
-                    f"{args.checkpoint}") if args.checkpoint.is_file() else "no epoch had finished, nothing was saved"
+            last = saved_epochs[-1] if saved_epochs else (first_epoch if args.resume else None)
+            kept = (f"{args.checkpoint} holds epoch {last}; continue with --resume --checkpoint {args.checkpoint}"
+                    if last else "no epoch had finished, so no checkpoint was written")
             print(f"error: interrupted (Ctrl-C) during training; {kept}", file=sys.stderr, flush=True)
             sys.exit(130)
         epochs_done = max(args.epochs, first_epoch)
@@ -601,6 +604,6 @@ if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C) outside training; finished epochs are in the checkpoint: --sample-only "
-              "samples from it, --resume continues it", file=sys.stderr)
+        print("error: interrupted (Ctrl-C) outside training; no image was written, and a checkpoint this run finished "
+              "training is complete: --sample-only samples from it", file=sys.stderr)
         sys.exit(130)
