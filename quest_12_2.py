@@ -134,6 +134,17 @@ def ema_decay(text):
     return value
 
 
+def channel_mult(text):
+    """argparse type: three positive integers, '1,2,2'."""
+    try:
+        mult = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        mult = ()
+    if len(mult) != 3 or min(mult) < 1:
+        raise argparse.ArgumentTypeError(f"expected three positive integers like 1,2,2, got {text!r}")
+    return mult
+
+
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--dataset", choices=sorted(DATASETS), default="mnist", help="torchvision dataset to learn")
@@ -153,6 +164,9 @@ def parse_args(argv=None):
     p.add_argument("--snr-gamma", type=float, default=5.0,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023); 0 = plain MSE (the spec)")
     p.add_argument("--base-channels", type=positive_int, default=64, help="UNet width (channels at 32x32)")
+    p.add_argument("--channel-mult", type=channel_mult, default=(1, 2, 4),
+                   help="widths at 32x32, 16x16 and 8x8 as multiples of --base-channels (doubling at each halving, "
+                        "as in Ho et al.'s UNet: the cheap low resolutions get the width)")
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
                    help="self-attention at the 8x8 bottleneck")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights used for sampling")
@@ -303,9 +317,9 @@ class SelfAttention(nn.Module):
 class SimpleUNet(nn.Module):
     """32x32 -> 16x16 -> 8x8 and back, skip connections between the paths, timestep in every block."""
 
-    def __init__(self, image_channels=1, base_channels=64, attention=True):
+    def __init__(self, image_channels=1, base_channels=64, attention=True, channel_mult=(1, 2, 4)):
         super().__init__()
-        c1, c2, c3 = base_channels, 2 * base_channels, 2 * base_channels
+        c1, c2, c3 = (m * base_channels for m in channel_mult)  # widths at 32x32, 16x16, 8x8
         self.emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, self.emb_dim), nn.SiLU(),
                                       nn.Linear(self.emb_dim, self.emb_dim), nn.SiLU())
@@ -520,16 +534,20 @@ def main(argv=None):
     # The architecture comes from the checkpoint when there is one, so it always matches its weights.
     config = checkpoint["config"] if checkpoint else {
         "dataset": args.dataset, "timesteps": args.timesteps, "beta_schedule": args.beta_schedule,
-        "base_channels": args.base_channels, "attention": args.attention}
+        "base_channels": args.base_channels, "channel_mult": list(args.channel_mult), "attention": args.attention}
     config.setdefault("beta_schedule", "linear")  # checkpoints from before the schedule was a choice
+    config.setdefault("channel_mult", [1, 2, 2])  # ... and from before the widths were
     if args.resume:  # the architecture must match the weights; the learning rate and the rest are applied
-        kept = [f"--{key.replace('_', '-')} {config[key]}" for key in config
-                if key in args.set_by_user and getattr(args, key) != config[key]]
+        def as_flag(value):  # 1,2,4 for the widths, as typed
+            return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+        kept = [f"--{key.replace('_', '-')} {as_flag(config[key])}" for key in config
+                if key in args.set_by_user and as_flag(getattr(args, key)) != as_flag(config[key])]
         if kept:
             print(f"note: --resume keeps the checkpoint's {', '.join(kept)} (its weights were trained with them)",
                   flush=True)
     schedule = NoiseSchedule(config["timesteps"], device, config["beta_schedule"])
-    model = SimpleUNet(base_channels=config["base_channels"], attention=config["attention"]).to(device)
+    model = SimpleUNet(base_channels=config["base_channels"], attention=config["attention"],
+                       channel_mult=tuple(config["channel_mult"])).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = EMA(model, args.ema_decay)
     first_epoch, epoch_losses, images_per_s = 0, [], None  # what --sample-only reports

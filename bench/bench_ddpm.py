@@ -5,11 +5,15 @@
         batches) vs the spec-literal one (torchvision transforms per sample + DataLoader), same model
         and batch size; and seconds to sample 64 digits with DDPM-300 vs DDIM-50.
 
-    python bench/bench_ddpm.py cpu --base-channels 32 --batch-size 32
+    python bench/bench_ddpm.py cpu --batch-size 32
         one training step of the quickstart's UNet in fp32, bf16 autocast, channels_last (fp32 and bf16) and
         torch.compile + bf16, interleaved in rounds in one process (ratios to fp32 are what to read); then the
         seconds per digit of DDIM-20 sampling for 64 and 256 digits, one forward pass over all of them vs
         chunks of --sample-batch-size.
+
+    python bench/bench_ddpm.py widths --batch-size 32 --steps 10
+        one training step for several UNet widths (base x --channel-mult), interleaved in rounds in one process,
+        in the precision the script would pick: images/s and the ratio to the Quickstart's 16-32-64.
 
     python bench/bench_ddpm.py quality --checkpoint chaos_sculptures/checkpoint.pt --data-dir assets/mnist-5k
         samples digits from a checkpoint's EMA weights and scores them with a small CNN (the judge) trained on
@@ -38,11 +42,12 @@ import quest_12_2 as quest  # noqa: E402
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("mode", choices=["speed", "quality", "cpu"])
+    p.add_argument("mode", choices=["speed", "quality", "cpu", "widths"])
     p.add_argument("--data-dir", default="assets/mnist-5k")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-channels", type=int, default=32, help="speed: UNet width")
+    p.add_argument("--base-channels", type=int, default=16, help="speed, cpu: UNet width")
+    p.add_argument("--channel-mult", type=quest.channel_mult, default=(1, 2, 4), help="speed, cpu: widths per level")
     p.add_argument("--batch-size", type=int, default=128, help="speed: training batch")
     p.add_argument("--steps", type=int, default=20, help="speed: timed training steps per pipeline")
     p.add_argument("--rounds", type=int, default=3, help="cpu: interleaved rounds of timed steps per variant")
@@ -79,7 +84,7 @@ def time_training(batches, model, optimizer, schedule, steps, device):
 def speed(args, device):
     torch.manual_seed(args.seed)
     schedule = quest.NoiseSchedule(300, device)
-    model = quest.SimpleUNet(base_channels=args.base_channels).to(device)
+    model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def script_batches():  # what quest_12_2.py does
@@ -106,7 +111,7 @@ def speed(args, device):
                   for name, make in (("script: on-device tensor", script_batches),
                                      ("spec-literal DataLoader", literal_batches))}
 
-    print(f"\ndevice {device}, SimpleUNet base {args.base_channels}, batch {args.batch_size}, {args.steps} steps")
+    print(f"\ndevice {device}, SimpleUNet base {args.base_channels} x {args.channel_mult}, batch {args.batch_size}, {args.steps} steps")
     print(f"{'pipeline':28} {'train img/s':>12} {'data-only img/s':>16}")
     for name in train_rate:
         print(f"{name:28} {train_rate[name]:12.1f} {data_only[name]:16.0f}")
@@ -172,7 +177,8 @@ def quality(args, device):
     classifier, test_accuracy = train_digit_classifier(args.data_dir, device)
     checkpoint = torch.load(args.checkpoint, map_location=device, weights_only=True)
     config = checkpoint["config"]
-    model = quest.SimpleUNet(base_channels=config["base_channels"], attention=config["attention"]).to(device)
+    model = quest.SimpleUNet(base_channels=config["base_channels"], attention=config["attention"],
+                             channel_mult=tuple(config.get("channel_mult", (1, 2, 2)))).to(device)
     model.load_state_dict(checkpoint["ema"])
     schedule = quest.NoiseSchedule(config["timesteps"], device, config.get("beta_schedule", "linear"))
     start = time.perf_counter()
@@ -220,7 +226,7 @@ def cpu_variants(args, device):
                 "torch.compile bf16": (torch.bfloat16, False, True)}
     runs, rates = {}, {name: [] for name in variants}
     for name, (dtype, channels_last, compiled) in variants.items():
-        model = quest.SimpleUNet(base_channels=args.base_channels).to(device)
+        model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device)
         x = images
         if channels_last:
             model, x = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
@@ -241,13 +247,13 @@ def cpu_variants(args, device):
                 quest.train_step(step_model, optimizer, schedule, batch, dtype, 5.0)
             sync(device)
             rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
-    print(f"\ndevice {device}, SimpleUNet base {args.base_channels}, batch {args.batch_size}, "
+    print(f"\ndevice {device}, SimpleUNet base {args.base_channels} x {args.channel_mult}, batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps, best round")
     print(f"{'variant':22} {'train img/s':>12} {'vs fp32':>8}")
     for name, values in rates.items():
         print(f"{name:22} {max(values):12.1f} {max(values) / max(rates['fp32']):7.2f}x")
 
-    model = quest.SimpleUNet(base_channels=args.base_channels).to(device).eval()
+    model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device).eval()
     dtype = quest.autocast_dtype("auto", device)
     print(f"\n{'DDIM-20 sampling':32} {'seconds':>8} {'ms/digit':>9}")
     for n in (64, 256):
@@ -258,10 +264,46 @@ def cpu_variants(args, device):
             print(f"{n:4} digits, chunks of {chunk:4}        {seconds:8.2f} {1000 * seconds / n:9.1f}")
 
 
+WIDTHS = {  # (base channels, multiples at 32x32, 16x16, 8x8)
+    "32-64-64 (the old Quickstart)": (32, (1, 2, 2)), "16-32-64 (the Quickstart)": (16, (1, 2, 4)),
+    "16-32-32": (16, (1, 2, 2)), "16-64-128": (16, (1, 4, 8)), "8-16-32": (8, (1, 2, 4)),
+}
+
+
+def width_variants(args, device):
+    """Training img/s of one step for each UNet width, interleaved, in the precision the script picks."""
+    torch.manual_seed(args.seed)
+    schedule = quest.NoiseSchedule(300, device)
+    dtype = quest.autocast_dtype("auto", device)
+    x = torch.rand(args.batch_size, 1, 32, 32, device=device) * 2 - 1
+    runs, rates = {}, {name: [] for name in WIDTHS}
+    for name, (base, mult) in WIDTHS.items():
+        model = quest.SimpleUNet(base_channels=base, channel_mult=mult).to(device)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for _ in range(3):
+            quest.train_step(model, optimizer, schedule, x, dtype, 5.0)
+        runs[name] = (model, optimizer)
+    for _ in range(args.rounds):
+        for name, (model, optimizer) in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                quest.train_step(model, optimizer, schedule, x, dtype, 5.0)
+            sync(device)
+            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+    print(f"\ndevice {device} ({str(dtype).replace('torch.', '') if dtype else 'fp32'}), batch {args.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps, best round")
+    print(f"{'widths':32} {'params':>8} {'train img/s':>12} {'vs 16-32-64':>12}")
+    reference = max(rates["16-32-64 (the Quickstart)"])
+    for name, (model, _) in runs.items():
+        params = sum(p.numel() for p in model.parameters()) / 1e6
+        print(f"{name:32} {params:7.2f}M {max(rates[name]):12.1f} {max(rates[name]) / reference:11.2f}x")
+
+
 def main():
     args = parse_args()
     device = quest.pick_device(args.device)
-    {"speed": speed, "quality": quality, "cpu": cpu_variants}[args.mode](args, device)
+    {"speed": speed, "quality": quality, "cpu": cpu_variants, "widths": width_variants}[args.mode](args, device)
 
 
 if __name__ == "__main__":

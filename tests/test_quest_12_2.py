@@ -45,6 +45,7 @@ def test_tiny_run_writes_grid_trajectory_checkpoint_and_json(trained):
         assert trajectory.size == grid_size(64, nrow=8)
     checkpoint = torch.load(out_dir / "checkpoint.pt", weights_only=True)
     assert checkpoint["config"]["timesteps"] == 20 and checkpoint["epoch"] == 1
+    assert checkpoint["config"]["base_channels"] == 16 and checkpoint["config"]["channel_mult"] == [1, 2, 4]
     assert set(checkpoint["model"]) == set(checkpoint["ema"])
     assert not list(out_dir.glob("*.tmp")) and not list(out_dir.glob(".*.tmp"))
     assert details["betaSchedule"] == "linear-scaled"
@@ -70,9 +71,11 @@ def test_resume_continues_training_to_the_requested_epochs(trained, mnist_root, 
     shutil.copy(out_dir / "checkpoint.pt", checkpoint)
     proc = run_script(SCRIPT, "--resume", "--checkpoint", checkpoint, "--data-dir", mnist_root, "--out-dir",
                       tmp_path / "out", "--device", device, "--epochs", "2", "--batch-size", "64",
-                      "--num-samples", "4", cwd=tmp_path)
+                      "--num-samples", "4", "--channel-mult", "1,1,2", "--timesteps", "20", cwd=tmp_path)
     details = result_json(proc)["details"]
     assert details["epochs"] == 2 and len(details["epochLosses"]) == 1  # only the second epoch ran
+    # the weights fix the architecture: a different width is reported and ignored, an equal one is not mentioned
+    assert "keeps the checkpoint's --channel-mult 1,2,4" in proc.stdout and "--timesteps" not in proc.stdout
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
 
 
@@ -186,6 +189,8 @@ def test_ddim_stays_in_range_and_rederives_the_noise_from_the_clamped_x0(tiny_mo
     (["--ema-decay", "nan"], ["--ema-decay", "[0, 1)"]),
     (["--ema-decay", "1"], ["--ema-decay", "[0, 1)"]),
     (["--base-channels", "12"], ["--base-channels", "multiple of 8"]),
+    (["--channel-mult", "1,2"], ["--channel-mult", "three positive integers"]),
+    (["--channel-mult", "1,0,2"], ["--channel-mult", "three positive integers"]),
     (["--epochs", "0"], ["--epochs", ">= 1"]),
     (["--snr-gamma", "inf"], ["--snr-gamma"]),
     (["--device", "tpu"], ["--device", "invalid choice"]),
