@@ -40,6 +40,7 @@ SETTINGS = {
     # the pre-issue-10 default: alpha 0.5, soft targets of the final teacher for the clean images
     "spec": [*PLAIN, "--alpha", "0.5"],
     "alpha0.25": [*PLAIN, "--alpha", "0.25"],           # PyTorch's KD tutorial: 0.25 soft, 0.75 labels
+    "alpha0.75": [*PLAIN, "--alpha", "0.75"],
     "alpha0.9": [*PLAIN, "--alpha", "0.9"],
     "ramp0.5": [*PLAIN, "--alpha", "0.5", "--alpha-schedule", "ramp"],  # labels first, teacher later
     "ema": [*PLAIN, "--alpha", "0.5", "--teacher-ema", "0.99"],         # soft targets from the EMA teacher
