@@ -216,6 +216,22 @@ def quality(args, device):
     print(json.dumps(figures))
 
 
+def best_train_rates(runs, schedule, args, device):
+    """runs: name -> (model, optimizer, 8 batches of images, autocast dtype). Rounds of --steps training steps
+    per run, interleaved (a busy machine slows all alike); the best round's images/s per run."""
+    rates = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, (model, optimizer, images, dtype) in runs.items():
+            sync(device)
+            start = time.perf_counter()
+            for i in range(args.steps):
+                batch = images[(i % 8) * args.batch_size:(i % 8 + 1) * args.batch_size]
+                quest.train_step(model, optimizer, schedule, batch, dtype, 5.0)
+            sync(device)
+            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+    return {name: max(values) for name, values in rates.items()}
+
+
 def cpu_variants(args, device):
     """Training img/s of one step in each precision/layout, interleaved (a busy machine slows all alike)."""
     torch.manual_seed(args.seed)
@@ -224,7 +240,7 @@ def cpu_variants(args, device):
     variants = {"fp32": (None, False, False), "bf16 autocast": (torch.bfloat16, False, False),
                 "channels_last fp32": (None, True, False), "channels_last bf16": (torch.bfloat16, True, False),
                 "torch.compile bf16": (torch.bfloat16, False, True)}
-    runs, rates = {}, {name: [] for name in variants}
+    runs = {}
     for name, (dtype, channels_last, compiled) in variants.items():
         model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device)
         x = images
@@ -238,20 +254,12 @@ def cpu_variants(args, device):
         if compiled:
             print(f"torch.compile: {time.perf_counter() - start:.0f} s to compile and warm up", flush=True)
         runs[name] = (step_model, optimizer, x, dtype)
-    for _ in range(args.rounds):
-        for name, (step_model, optimizer, x, dtype) in runs.items():
-            sync(device)
-            start = time.perf_counter()
-            for i in range(args.steps):
-                batch = x[(i % 8) * args.batch_size:(i % 8 + 1) * args.batch_size]
-                quest.train_step(step_model, optimizer, schedule, batch, dtype, 5.0)
-            sync(device)
-            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+    rates = best_train_rates(runs, schedule, args, device)
     print(f"\ndevice {device}, SimpleUNet base {args.base_channels} x {args.channel_mult}, batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps, best round")
     print(f"{'variant':22} {'train img/s':>12} {'vs fp32':>8}")
-    for name, values in rates.items():
-        print(f"{name:22} {max(values):12.1f} {max(values) / max(rates['fp32']):7.2f}x")
+    for name, rate in rates.items():
+        print(f"{name:22} {rate:12.1f} {rate / rates['fp32']:7.2f}x")
 
     model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device).eval()
     dtype = quest.autocast_dtype("auto", device)
@@ -275,29 +283,22 @@ def width_variants(args, device):
     torch.manual_seed(args.seed)
     schedule = quest.NoiseSchedule(300, device)
     dtype = quest.autocast_dtype("auto", device)
-    x = torch.rand(args.batch_size, 1, 32, 32, device=device) * 2 - 1
-    runs, rates = {}, {name: [] for name in WIDTHS}
+    images = torch.rand(args.batch_size * 8, 1, 32, 32, device=device) * 2 - 1
+    runs = {}
     for name, (base, mult) in WIDTHS.items():
         model = quest.SimpleUNet(base_channels=base, channel_mult=mult).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        for _ in range(3):
-            quest.train_step(model, optimizer, schedule, x, dtype, 5.0)
-        runs[name] = (model, optimizer)
-    for _ in range(args.rounds):
-        for name, (model, optimizer) in runs.items():
-            sync(device)
-            start = time.perf_counter()
-            for _ in range(args.steps):
-                quest.train_step(model, optimizer, schedule, x, dtype, 5.0)
-            sync(device)
-            rates[name].append(args.steps * args.batch_size / (time.perf_counter() - start))
+        for _ in range(3):  # warm-up
+            quest.train_step(model, optimizer, schedule, images[:args.batch_size], dtype, 5.0)
+        runs[name] = (model, optimizer, images, dtype)
+    rates = best_train_rates(runs, schedule, args, device)
     print(f"\ndevice {device} ({str(dtype).replace('torch.', '') if dtype else 'fp32'}), batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps, best round")
     print(f"{'widths':32} {'params':>8} {'train img/s':>12} {'vs 16-32-64':>12}")
-    reference = max(rates["16-32-64 (the Quickstart)"])
-    for name, (model, _) in runs.items():
+    reference = rates["16-32-64 (the Quickstart)"]
+    for name, (model, *_) in runs.items():
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{name:32} {params:7.2f}M {max(rates[name]):12.1f} {max(rates[name]) / reference:11.2f}x")
+        print(f"{name:32} {params:7.2f}M {rates[name]:12.1f} {rates[name] / reference:11.2f}x")
 
 
 def main():
