@@ -135,13 +135,13 @@ def ema_decay(text):
 
 
 def channel_mult(text):
-    """argparse type: three positive integers, '1,2,2'."""
+    """argparse type: three positive integers, '1,2,4'."""
     try:
         mult = tuple(int(part) for part in text.split(","))
     except ValueError:
         mult = ()
     if len(mult) != 3 or min(mult) < 1:
-        raise argparse.ArgumentTypeError(f"expected three positive integers like 1,2,2, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected three positive integers like 1,2,4, got {text!r}")
     return mult
 
 
