@@ -26,6 +26,7 @@ rows=(
   "w16x124-e30-lr3e-3|--base-channels 16 --epochs 30 --lr 3e-3"
   "w16x122-e35|--base-channels 16 --channel-mult 1,2,2 --epochs 35"
   "narrow-b16-e27|--base-channels 16 --epochs 27 --batch-size 16"
+  "narrow-e60|--base-channels 16 --epochs 60"  # twice the Quickstart's minutes: what more compute buys
 )
 for seed in $seeds; do
   for row in "${rows[@]}"; do
