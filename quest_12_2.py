@@ -32,6 +32,9 @@ DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
 IMAGE_SIZE = 32
 TRAJECTORY_POINTS = 8  # columns of trajectory.png: pure noise ... finished digit
 BETA_SCHEDULES = ("linear-scaled", "cosine", "linear")
+# --guidance auto: the autoguidance weight with the lowest Frechet distance per sampler (docs/quest_12_2.md, two
+# seeds). Deterministic DDIM cannot correct a step's error later, so it profits from a stronger push.
+AUTO_GUIDANCE = {"ddpm": 2.0, "ddim": 3.0}
 
 
 # ---------------------------------------------------------------- one voice (docs/contributing.md)
@@ -67,6 +70,16 @@ def positive_float(text):
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
     return value
+
+
+def guidance_weight(text):
+    """argparse type for --guidance: 'auto' or a finite number > 0."""
+    if text == "auto":
+        return text
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number above 0, got {text}") from None
 
 
 def pick_device(name):
@@ -170,6 +183,10 @@ def parse_args(argv=None):
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
                    help="self-attention at the 8x8 bottleneck")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights used for sampling")
+    p.add_argument("--guidance", type=guidance_weight, default="auto",
+                   help="autoguidance weight w (Karras et al. 2024): the noise is extrapolated away from the EMA as it "
+                        "was a quarter into training, eps_guide + w * (eps - eps_guide); 1 = plain sampling (the "
+                        "spec); auto: 2 with --sampler ddpm, 3 with ddim (the weights with the lowest FD, measured)")
     p.add_argument("--num-samples", type=positive_int, default=64, help="digits to generate")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm: Ho et al. Algorithm 2 over all T steps; ddim: deterministic (eta 0), few steps")
@@ -197,6 +214,8 @@ def parse_args(argv=None):
         p.error(f"--base-channels must be a multiple of 8 (GroupNorm uses 8 groups), got {args.base_channels}")
     args.checkpoint = Path(args.checkpoint or Path(args.out_dir) / "checkpoint.pt")
     args.set_by_user = {action.dest for action in p._actions if getattr(args, action.dest, None) != action.default}
+    if args.guidance == "auto":
+        args.guidance = AUTO_GUIDANCE[args.sampler]
     return args
 
 
@@ -431,8 +450,14 @@ def train_step(model, optimizer, schedule, x0, dtype, snr_gamma):
     return loss.detach()
 
 
-def train(model, ema, optimizer, schedule, images, args, device, dtype, first_epoch, save_epoch):
-    """Train up to --epochs; after every epoch `save_epoch(epoch)` checkpoints, so Ctrl-C loses one epoch at most."""
+def guide_epoch(epochs):
+    """The epoch whose EMA guides sampling: a quarter into training (epoch 8 of the Quickstart's 30)."""
+    return math.ceil(epochs / 4)
+
+
+def train(model, ema, guide, optimizer, schedule, images, args, device, dtype, first_epoch, save_epoch):
+    """Train up to --epochs; after every epoch `save_epoch(epoch)` checkpoints, so Ctrl-C loses one epoch at most.
+    At guide_epoch(--epochs) the EMA weights are copied into `guide` (autoguidance's weaker model)."""
     step_model = torch.compile(model) if args.compile else model
     batches = math.ceil(len(images) / args.batch_size)
     total_steps = args.epochs * batches
@@ -457,6 +482,8 @@ def train(model, ema, optimizer, schedule, images, args, device, dtype, first_ep
                              f"outputs; lower --lr (now {args.lr:g}; try {args.lr / 10:g})")
                     bar.set_postfix(loss=f"{running:.4f}")
         epoch_losses.append(total.item() / batches)
+        if epoch + 1 == guide_epoch(args.epochs):
+            guide.load_state_dict(ema.model.state_dict())
         save_epoch(epoch + 1)
         print(f"epoch {epoch + 1}/{args.epochs}  loss {epoch_losses[-1]:.4f}  checkpoint saved", flush=True)
     return epoch_losses, seen / (time.perf_counter() - start)
@@ -464,13 +491,21 @@ def train(model, ema, optimizer, schedule, images, args, device, dtype, first_ep
 
 # ---------------------------------------------------------------- sampling: from chaos to the statue
 @torch.no_grad()
-def sample(model, schedule, num_samples, sampler, sample_steps, device, batch_size=64, dtype=None, seed=0):
+def sample(model, schedule, num_samples, sampler, sample_steps, device, batch_size=64, dtype=None, seed=0,
+           guide=None, guidance=1.0):
     """Reverse process from pure noise: the final images in [-1, 1], snapshots along the way, steps run.
+
+    With a `guide` (the same UNet, less trained) and guidance w != 1, the noise prediction is pushed away from the
+    guide's: eps_guide + w * (eps - eps_guide). The weaker model makes the same kinds of mistakes, only more, so
+    the difference points away from them (Karras et al. 2024, "Guiding a diffusion model with a bad version of
+    itself"); it costs a second forward pass per step.
 
     Every random draw covers all samples at once and the model sees them `batch_size` at a time, so the
     images do not depend on the chunking, and large --num-samples do not slow down per image (one forward
     pass over hundreds of images spends more time in the allocator than in the convolutions on a CPU)."""
     model.eval()
+    if guide is not None:
+        guide.eval()
     if sampler == "ddpm":
         steps = list(range(schedule.timesteps - 1, -1, -1))
     else:
@@ -485,7 +520,11 @@ def sample(model, schedule, num_samples, sampler, sample_steps, device, batch_si
             for chunk in range(0, num_samples, batch_size):
                 part = slice(chunk, chunk + batch_size)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                    predicted_noise = model(x[part], torch.full((len(x[part]),), t, device=device)).float()
+                    t_part = torch.full((len(x[part]),), t, device=device)
+                    predicted_noise = model(x[part], t_part).float()
+                    if guide is not None and guidance != 1:
+                        guide_noise = guide(x[part], t_part).float()
+                        predicted_noise = guide_noise + guidance * (predicted_noise - guide_noise)
                 if sampler == "ddpm":
                     x[part] = schedule.ddpm_step(x[part], predicted_noise, t, noise[part])
                 else:
@@ -550,6 +589,7 @@ def main(argv=None):
                        channel_mult=tuple(config["channel_mult"])).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = EMA(model, args.ema_decay)
+    guide = copy.deepcopy(ema.model)  # autoguidance's weaker model: the EMA a quarter into training
     first_epoch, epoch_losses, images_per_s = 0, [], None  # what --sample-only reports
     if checkpoint:
         try:
@@ -561,6 +601,10 @@ def main(argv=None):
                  "retrain or pass another --checkpoint")
         ema.updates = checkpoint.get("ema_updates", 0)
         first_epoch = checkpoint["epoch"]
+        if "guide" in checkpoint:
+            guide.load_state_dict(checkpoint["guide"])
+        elif args.sample_only or first_epoch >= guide_epoch(args.epochs):  # no guide was taken: plain sampling
+            guide = None
     epochs_done = first_epoch
     print(f"device {device} ({str(dtype).replace('torch.', '') if dtype else 'fp32'}), SimpleUNet "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, T={schedule.timesteps} "
@@ -578,10 +622,11 @@ def main(argv=None):
             args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(args.checkpoint, torch_bytes({
                 "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
+                **({"guide": guide.state_dict()} if guide is not None and epoch >= guide_epoch(args.epochs) else {}),
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config}))
 
         try:
-            epoch_losses, images_per_s = train(model, ema, optimizer, schedule, images, args, device, dtype,
+            epoch_losses, images_per_s = train(model, ema, guide, optimizer, schedule, images, args, device, dtype,
                                                first_epoch, save_epoch)
         except KeyboardInterrupt:
             last = saved_epochs[-1] if saved_epochs else (first_epoch if args.resume else None)
@@ -591,9 +636,12 @@ def main(argv=None):
             sys.exit(130)
         epochs_done = max(args.epochs, first_epoch)
 
+    if guide is None and args.guidance != 1:
+        print(f"note: {args.checkpoint} holds no guide weights (older, or stopped before epoch "
+              f"{guide_epoch(args.epochs)}); sampling without --guidance", flush=True)
     start = time.perf_counter()
     samples, snapshots, steps_run = sample(ema.model, schedule, args.num_samples, args.sampler, args.sample_steps,
-                                           device, args.sample_batch_size, dtype, args.seed)
+                                           device, args.sample_batch_size, dtype, args.seed, guide, args.guidance)
     sample_seconds = time.perf_counter() - start
     grid_path, trajectory_path = out_dir / "new_creation.png", out_dir / "trajectory.png"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -610,7 +658,7 @@ def main(argv=None):
             "betaSchedule": config["beta_schedule"],
             "finalLoss": round(epoch_losses[-1], 5) if epoch_losses else None, "epochLosses": [round(v, 5) for v in epoch_losses],
             "trainImagesPerSecond": round(images_per_s, 1) if images_per_s else None,
-            "sampler": args.sampler, "sampleSteps": steps_run,
+            "sampler": args.sampler, "sampleSteps": steps_run, "guidance": args.guidance if guide is not None else 1.0,
             "numSamples": args.num_samples, "sampleSeconds": round(sample_seconds, 2),
             "trajectory": str(trajectory_path), "checkpoint": str(args.checkpoint), "seed": args.seed,
         },

@@ -2,8 +2,8 @@
 # The ablation behind quest_12_2's defaults, at the Quickstart's budget (4,000 shipped digits, batch 32, about
 # 4 min of training on a 2-core CPU): each row trains with some of the script's choices switched back to the
 # spec, then bench_ddpm.py quality scores 256 DDPM-300 and 256 DDIM-50 samples (confident share, classes, Frechet
-# distance in the judge's features vs real-vs-real). Rows are cumulative down to "narrow" (today's Quickstart);
-# the rows after it are variants that were measured and not kept.
+# distance in the judge's features vs real-vs-real), with the --guidance the row's script ran with. Rows are
+# cumulative down to "autoguidance" (today's Quickstart); the rows after it are variants measured and not kept.
 #   bash bench/ddpm_ablation.sh [OUT_DIR] [SEEDS] [ROWS]      e.g. bash bench/ddpm_ablation.sh bench/out/ablation "0 1" 'narrow'
 # ROWS: a regular expression picking rows by name (default: all). Finished rows are read back, not rerun.
 # On a 2-core CPU a row takes about as long as the Quickstart plus 2 min of scoring; on a GPU, seconds.
@@ -20,24 +20,26 @@ rows=(
   "lr-sched|$wide --snr-gamma 0 --lr 1e-3"
   "minsnr|$wide --lr 1e-3"
   "lr2e-3|$wide"
-  "narrow|--base-channels 16 --epochs 30"  # 16-32-64 channels: twice the images per second, twice the epochs
+  "narrow|--base-channels 16 --epochs 30 --guidance 1"  # 16-32-64 channels: twice the images/s, twice the epochs
+  "autoguidance|--base-channels 16 --epochs 30"  # guided by the EMA of epoch 8 (w 2 DDPM, 3 DDIM): the Quickstart
   "cosine-betas|$wide --beta-schedule cosine"
   "w16x148-e18|--base-channels 16 --channel-mult 1,4,8 --epochs 18"
   "w16x124-e30-lr3e-3|--base-channels 16 --epochs 30 --lr 3e-3"
   "w16x122-e35|--base-channels 16 --channel-mult 1,2,2 --epochs 35"
   "narrow-b16-e27|--base-channels 16 --epochs 27 --batch-size 16"
-  "narrow-e60|--base-channels 16 --epochs 60"  # twice the Quickstart's minutes: what more compute buys
+  "narrow-e60|--base-channels 16 --epochs 60 --guidance 1"  # twice the minutes, no guidance: what compute buys
 )
 for seed in $seeds; do
   for row in "${rows[@]}"; do
     name=${row%%|*}; flags=${row#*|}
     [[ $name =~ $pick ]] || continue
     run="$out/$name-seed$seed"
+    guidance=$(grep -o -- '--guidance [0-9.]*' <<< "$flags" || true)  # scored as the script samples
     if [ ! -f "$run/ddim.json" ]; then
       $py quest_12_2.py $common $flags --seed "$seed" --out-dir "$run" > "$run.log" 2>&1
       for sampler in ddpm ddim; do
         $py bench/bench_ddpm.py quality --checkpoint "$run/checkpoint.pt" --sampler "$sampler" --sample-steps 50 \
-          --num-samples 256 --seed "$seed" --grid "$run/$sampler-256.png" | tail -1 > "$run/$sampler.tmp"
+          $guidance --num-samples 256 --seed "$seed" --grid "$run/$sampler-256.png" | tail -1 > "$run/$sampler.tmp"
         mv "$run/$sampler.tmp" "$run/$sampler.json"
       done
     fi

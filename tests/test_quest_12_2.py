@@ -37,6 +37,7 @@ def test_tiny_run_writes_grid_trajectory_checkpoint_and_json(trained):
     details = result["details"]
     assert details["device"].startswith(device)
     assert details["epochs"] == 1 and details["timesteps"] == 20 and details["sampler"] == "ddpm"
+    assert details["guidance"] == 2.0  # --guidance auto with DDPM, guided by the checkpoint's guide weights
     assert 0 < details["finalLoss"] < 2 and details["trainImagesPerSecond"] > 0
     with Image.open(out_dir / "new_creation.png") as grid:
         assert grid.size == grid_size(8, nrow=3)
@@ -47,6 +48,9 @@ def test_tiny_run_writes_grid_trajectory_checkpoint_and_json(trained):
     assert checkpoint["config"]["timesteps"] == 20 and checkpoint["epoch"] == 1
     assert checkpoint["config"]["base_channels"] == 16 and checkpoint["config"]["channel_mult"] == [1, 2, 4]
     assert set(checkpoint["model"]) == set(checkpoint["ema"])
+    # autoguidance's weaker model: the EMA a quarter into training (epoch 1 of 1 here, so the EMA itself)
+    assert set(checkpoint["guide"]) == set(checkpoint["ema"])
+    assert all(torch.equal(checkpoint["guide"][k], checkpoint["ema"][k]) for k in checkpoint["ema"])
     assert not list(out_dir.glob("*.tmp")) and not list(out_dir.glob(".*.tmp"))
     assert details["betaSchedule"] == "linear-scaled"
 
@@ -58,11 +62,27 @@ def test_sample_only_with_ddim_reuses_the_checkpoint(trained, tmp_path):
                       "--data-dir", tmp_path / "no-data-needed", cwd=tmp_path)
     details = result_json(proc)["details"]
     assert details["sampler"] == "ddim" and details["sampleSteps"] == 5 and details["finalLoss"] is None
+    assert details["guidance"] == 3.0  # --guidance auto with DDIM
     assert details["timesteps"] == 20  # the architecture and schedule come from the checkpoint
     with Image.open(tmp_path / "re" / "new_creation.png") as grid:
         assert grid.size == grid_size(4, nrow=2)
     assert not (tmp_path / "re" / "checkpoint.pt").exists()
     assert not (tmp_path / "no-data-needed").exists()
+
+
+def test_a_checkpoint_without_guide_weights_samples_plainly_and_says_so(trained, tmp_path):
+    device, out_dir, _ = trained
+    checkpoint = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    del checkpoint["guide"]  # as written before autoguidance, or by a run stopped before its guide epoch
+    torch.save(checkpoint, tmp_path / "old.pt")
+    args = ["--sample-only", "--checkpoint", tmp_path / "old.pt", "--sampler", "ddim", "--sample-steps", "5",
+            "--num-samples", "4", "--device", device]
+    proc = run_script(SCRIPT, *args, "--out-dir", tmp_path / "old", cwd=tmp_path)
+    assert result_json(proc)["details"]["guidance"] == 1.0
+    assert "holds no guide weights" in proc.stdout
+    plain = run_script(SCRIPT, *args, "--out-dir", tmp_path / "plain", "--guidance", "1", cwd=tmp_path)
+    assert "holds no guide weights" not in plain.stdout
+    assert (tmp_path / "old" / "new_creation.png").read_bytes() == (tmp_path / "plain" / "new_creation.png").read_bytes()
 
 
 def test_resume_continues_training_to_the_requested_epochs(trained, mnist_root, tmp_path):
@@ -165,6 +185,23 @@ def test_chunked_sampling_gives_the_same_images_as_one_pass(tiny_model, sampler)
     assert not torch.allclose(whole, other)
 
 
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_guidance_extrapolates_away_from_the_guide_and_1_is_plain_sampling(tiny_model, sampler):
+    quest, model, schedule = tiny_model
+    cpu = torch.device("cpu")
+    torch.manual_seed(1)
+    weaker = quest.SimpleUNet(base_channels=8)
+    plain, _, _ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3)
+    off, _, _ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=weaker, guidance=1.0)
+    assert torch.equal(plain, off)  # --guidance 1: the spec's sampling, the guide is not even run
+    itself, _, _ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=model, guidance=2.0)
+    assert torch.allclose(plain, itself, atol=1e-5)  # eps_g + w (eps - eps_g) = eps when the guide is the model
+    guided, _, _ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=weaker, guidance=2.0)
+    assert not torch.allclose(plain, guided, atol=1e-3)
+    assert guided.min() >= -1 and guided.max() <= 1 and torch.isfinite(guided).all()
+    assert quest.guide_epoch(30) == 8 and quest.guide_epoch(20) == 5 and quest.guide_epoch(1) == 1
+
+
 def test_ddim_stays_in_range_and_rederives_the_noise_from_the_clamped_x0(tiny_model):
     quest, model, schedule = tiny_model
     images, snapshots, steps = quest.sample(model, schedule, 6, "ddim", 10, torch.device("cpu"))
@@ -188,6 +225,7 @@ def test_ddim_stays_in_range_and_rederives_the_noise_from_the_clamped_x0(tiny_mo
     (["--lr", "-1"], ["--lr", "above 0"]),
     (["--ema-decay", "nan"], ["--ema-decay", "[0, 1)"]),
     (["--ema-decay", "1"], ["--ema-decay", "[0, 1)"]),
+    (["--guidance", "0"], ["--guidance", "above 0"]),
     (["--base-channels", "12"], ["--base-channels", "multiple of 8"]),
     (["--channel-mult", "1,2"], ["--channel-mult", "three positive integers"]),
     (["--channel-mult", "1,0,2"], ["--channel-mult", "three positive integers"]),
