@@ -6,7 +6,8 @@ digits, then carve 64 new digits out of pure noise.
     python quest_12_2.py --sample-only --sampler ddim     # new digits from the saved checkpoint, in seconds
 
 Acts: arguments -> the noise schedule -> SimpleUNet -> data -> training (with an EMA of the weights,
-a checkpoint after every epoch) -> sampling (DDPM or DDIM) -> the 8x8 grid, the trajectory -> JSON.
+a checkpoint after every epoch, the EMA of a quarter into training kept as the guide) -> sampling (DDPM or
+DDIM, guided away from that weaker EMA) -> the 8x8 grid, the trajectory -> JSON.
 """
 import argparse
 import copy
@@ -32,9 +33,6 @@ DATASETS = {"mnist": datasets.MNIST, "fashion-mnist": datasets.FashionMNIST}
 IMAGE_SIZE = 32
 TRAJECTORY_POINTS = 8  # columns of trajectory.png: pure noise ... finished digit
 BETA_SCHEDULES = ("linear-scaled", "cosine", "linear")
-# --guidance auto: the autoguidance weight with the lowest Frechet distance per sampler (docs/quest_12_2.md, two
-# seeds). Deterministic DDIM cannot correct a step's error later, so it profits from a stronger push.
-AUTO_GUIDANCE = {"ddpm": 2.0, "ddim": 3.0}
 
 
 # ---------------------------------------------------------------- one voice (docs/contributing.md)
@@ -71,15 +69,6 @@ def positive_float(text):
         raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
     return value
 
-
-def guidance_weight(text):
-    """argparse type for --guidance: 'auto' or a finite number > 0."""
-    if text == "auto":
-        return text
-    try:
-        return positive_float(text)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a finite number above 0, got {text}") from None
 
 
 def pick_device(name):
@@ -136,6 +125,17 @@ def torch_bytes(obj):
 
 
 # ---------------------------------------------------------------- arguments
+def ddim_eta(text):
+    """argparse type: DDIM's eta, in [0, 1] (0: deterministic; 1: the DDPM posterior's noise at every step)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got '{text}'") from None
+    if not 0 <= value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
+    return value
+
+
 def ema_decay(text):
     """argparse type: the EMA decay, in [0, 1)."""
     try:
@@ -183,14 +183,16 @@ def parse_args(argv=None):
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
                    help="self-attention at the 8x8 bottleneck")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights used for sampling")
-    p.add_argument("--guidance", type=guidance_weight, default="auto",
+    p.add_argument("--guidance", type=positive_float, default=2.0,
                    help="autoguidance weight w (Karras et al. 2024): the noise is extrapolated away from the EMA as it "
-                        "was a quarter into training, eps_guide + w * (eps - eps_guide); 1 = plain sampling (the "
-                        "spec); auto: 2 with --sampler ddpm, 3 with ddim (the weights with the lowest FD, measured)")
+                        "was a quarter into training, eps_guide + w * (eps - eps_guide); 1 = plain sampling (the spec)")
     p.add_argument("--num-samples", type=positive_int, default=64, help="digits to generate")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
-                   help="ddpm: Ho et al. Algorithm 2 over all T steps; ddim: deterministic (eta 0), few steps")
+                   help="ddpm: Ho et al. Algorithm 2 over all T steps; ddim: Song et al., --sample-steps steps")
     p.add_argument("--sample-steps", type=positive_int, default=50, help="DDIM steps (DDPM always runs all T steps)")
+    p.add_argument("--eta", type=ddim_eta, default=1.0,
+                   help="DDIM's noise: 0 = deterministic DDIM, 1 = fresh noise at every step as DDPM adds (better "
+                        "digits from a short training, measured)")
     p.add_argument("--sample-batch-size", type=positive_int, default=64,
                    help="digits denoised per forward pass; more samples run in chunks (same images, less memory)")
     p.add_argument("--out-dir", default="chaos_sculptures", help="where the grid, trajectory and checkpoint go")
@@ -214,8 +216,6 @@ def parse_args(argv=None):
         p.error(f"--base-channels must be a multiple of 8 (GroupNorm uses 8 groups), got {args.base_channels}")
     args.checkpoint = Path(args.checkpoint or Path(args.out_dir) / "checkpoint.pt")
     args.set_by_user = {action.dest for action in p._actions if getattr(args, action.dest, None) != action.default}
-    if args.guidance == "auto":
-        args.guidance = AUTO_GUIDANCE[args.sampler]
     return args
 
 
@@ -278,15 +278,20 @@ class NoiseSchedule:
         mean = (x - beta / (1 - ab).sqrt() * predicted_noise) / alpha.sqrt()
         return mean + beta.sqrt() * noise if t > 0 else mean
 
-    def ddim_step(self, x, predicted_noise, t, t_prev):
-        """Song et al. DDIM with eta 0: jump from t to t_prev along the predicted x0. The x0 is clamped to the
-        data range and the noise re-derived from the clamped x0, so the two stay consistent (as lucidrains'
-        denoising-diffusion-pytorch does); otherwise early, wild x0 guesses push the next x off the data."""
+    def ddim_step(self, x, predicted_noise, t, t_prev, eta=0.0, fresh_noise=None):
+        """Song et al. DDIM: jump from t to t_prev along the predicted x0. The x0 is clamped to the data range and
+        the noise re-derived from the clamped x0, so the two stay consistent (as lucidrains'
+        denoising-diffusion-pytorch does); otherwise early, wild x0 guesses push the next x off the data.
+        eta 0 is deterministic; with eta > 0 part of the noise is replaced by `fresh_noise`, with standard deviation
+        eta * sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)) (eta 1: the DDPM posterior's), which lets a
+        later step correct an earlier step's error."""
         ab = self.alphas_cumprod[t]
         ab_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else torch.ones_like(ab)
         x0 = ((x - (1 - ab).sqrt() * predicted_noise) / ab.sqrt()).clamp(-1, 1)
         noise = (x - ab.sqrt() * x0) / (1 - ab).sqrt()
-        return ab_prev.sqrt() * x0 + (1 - ab_prev).sqrt() * noise
+        sigma = eta * ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()  # 0 at the last step: x0 itself
+        x_prev = ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).clamp(min=0).sqrt() * noise
+        return x_prev + sigma * fresh_noise if eta > 0 else x_prev
 
 
 # ---------------------------------------------------------------- the model
@@ -492,7 +497,7 @@ def train(model, ema, guide, optimizer, schedule, images, args, device, dtype, f
 # ---------------------------------------------------------------- sampling: from chaos to the statue
 @torch.no_grad()
 def sample(model, schedule, num_samples, sampler, sample_steps, device, batch_size=64, dtype=None, seed=0,
-           guide=None, guidance=1.0):
+           guide=None, guidance=1.0, eta=0.0):
     """Reverse process from pure noise: the final images in [-1, 1], snapshots along the way, steps run.
 
     With a `guide` (the same UNet, less trained) and guidance w != 1, the noise prediction is pushed away from the
@@ -516,7 +521,8 @@ def sample(model, schedule, num_samples, sampler, sample_steps, device, batch_si
     snapshots = [x[:8].clamp(-1, 1)]
     with tqdm(steps, desc=f"sampling ({sampler}, {len(steps)} steps)", leave=False, disable=None) as bar:
         for i, t in enumerate(bar):
-            noise = torch.randn(x.shape, device=device, generator=generator) if sampler == "ddpm" else None
+            stochastic = sampler == "ddpm" or eta > 0
+            noise = torch.randn(x.shape, device=device, generator=generator) if stochastic else None
             for chunk in range(0, num_samples, batch_size):
                 part = slice(chunk, chunk + batch_size)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -528,7 +534,9 @@ def sample(model, schedule, num_samples, sampler, sample_steps, device, batch_si
                 if sampler == "ddpm":
                     x[part] = schedule.ddpm_step(x[part], predicted_noise, t, noise[part])
                 else:
-                    x[part] = schedule.ddim_step(x[part], predicted_noise, t, steps[i + 1] if i + 1 < len(steps) else -1)
+                    t_prev = steps[i + 1] if i + 1 < len(steps) else -1
+                    x[part] = schedule.ddim_step(x[part], predicted_noise, t, t_prev, eta,
+                                                 noise[part] if eta > 0 else None)
             if i in keep:
                 snapshots.append(x[:8].clamp(-1, 1))
     return x.clamp(-1, 1), snapshots, len(steps)
@@ -641,7 +649,8 @@ def main(argv=None):
               f"{guide_epoch(args.epochs)}); sampling without --guidance", flush=True)
     start = time.perf_counter()
     samples, snapshots, steps_run = sample(ema.model, schedule, args.num_samples, args.sampler, args.sample_steps,
-                                           device, args.sample_batch_size, dtype, args.seed, guide, args.guidance)
+                                           device, args.sample_batch_size, dtype, args.seed, guide, args.guidance,
+                                           args.eta)
     sample_seconds = time.perf_counter() - start
     grid_path, trajectory_path = out_dir / "new_creation.png", out_dir / "trajectory.png"
     out_dir.mkdir(parents=True, exist_ok=True)

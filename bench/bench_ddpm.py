@@ -16,8 +16,8 @@
         in the precision the script would pick: images/s and the ratio to the Quickstart's 16-32-64.
 
     python bench/bench_ddpm.py quality --checkpoint chaos_sculptures/checkpoint.pt --data-dir assets/mnist-5k
-        samples digits from a checkpoint's EMA weights (with autoguidance from its guide weights, as the script
-        does; --guidance 1 for plain sampling) and scores them with a small CNN (the judge) trained on
+        samples digits from a checkpoint's EMA weights as the script does (autoguidance from its guide weights,
+        --guidance 1 for plain sampling; DDIM with --eta 1, 0 for deterministic) and scores them with a small CNN (the judge) trained on
         the real training digits: the share classified with confidence >= 0.9, how many of the 10 classes
         appear, and the Frechet distance between the judge's 128-d features of the samples and of as many real
         test digits (FD; the same n for the real-vs-real reference: test digits [0, n) vs [n, 2n)). Confidence
@@ -57,9 +57,9 @@ def parse_args():
     p.add_argument("--num-samples", type=int, default=256, help="quality: digits to generate and score")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="quality")
     p.add_argument("--sample-steps", type=int, default=50, help="quality: DDIM steps")
-    p.add_argument("--guidance", type=float, default=None,
-                   help="quality: autoguidance weight with the checkpoint's guide weights (1 = plain sampling); "
-                        "default: the script's --guidance auto for --sampler")
+    p.add_argument("--guidance", type=float, default=2.0,
+                   help="quality: autoguidance weight with the checkpoint's guide weights (1 = plain sampling)")
+    p.add_argument("--eta", type=float, default=1.0, help="quality: DDIM's eta (0 = deterministic)")
     p.add_argument("--grid", type=Path, default=None, help="quality: also save the scored samples as a PNG grid")
     return p.parse_args()
 
@@ -185,8 +185,6 @@ def quality(args, device):
                              channel_mult=tuple(config.get("channel_mult", (1, 2, 2)))).to(device)
     model.load_state_dict(checkpoint["ema"])
     guide = None  # autoguidance's weaker model, as the script samples with it
-    if args.guidance is None:
-        args.guidance = quest.AUTO_GUIDANCE[args.sampler]
     if "guide" in checkpoint and args.guidance != 1:
         guide = quest.SimpleUNet(base_channels=config["base_channels"], attention=config["attention"],
                                  channel_mult=tuple(config.get("channel_mult", (1, 2, 2)))).to(device)
@@ -195,7 +193,7 @@ def quality(args, device):
     start = time.perf_counter()
     samples, _, _ = quest.sample(model, schedule, args.num_samples, args.sampler, args.sample_steps, device,
                                  dtype=quest.autocast_dtype("auto", device), seed=args.seed,
-                                 guide=guide, guidance=args.guidance)
+                                 guide=guide, guidance=args.guidance, eta=args.eta)
     seconds = time.perf_counter() - start
     test_digits = quest.preprocess(datasets.MNIST(args.data_dir, train=False).data).to(device)
     n = args.num_samples
@@ -205,11 +203,12 @@ def quality(args, device):
         args.grid.write_bytes(quest.png_bytes(samples, nrow=16))
     print(f"\ncheckpoint {args.checkpoint} (epoch {checkpoint['epoch']}, base {config['base_channels']}, "
           f"T={config['timesteps']}, {config.get('beta_schedule', 'linear')} betas), sampler {args.sampler}"
-          f"{'' if args.sampler == 'ddpm' else '-' + str(args.sample_steps)}, "
+          f"{'' if args.sampler == 'ddpm' else f'-{args.sample_steps} eta {args.eta:g}'}, "
           f"{f'autoguidance {args.guidance:g}' if guide is not None else 'no guidance'}, {n} samples in {seconds:.1f}s")
     print(f"judge: CNN trained on the real digits, test accuracy {test_accuracy:.3f}")
     features = {}
     figures = {"checkpoint": str(args.checkpoint), "sampler": args.sampler, "n": n,
+               **({"eta": args.eta} if args.sampler == "ddim" else {}),
                "guidance": args.guidance if guide is not None else 1.0}
     for name, images in (("generated", samples), ("real test digits", test_digits[:n]),
                          ("real test digits, 2nd half", test_digits[n:2 * n])):

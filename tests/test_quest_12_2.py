@@ -37,7 +37,7 @@ def test_tiny_run_writes_grid_trajectory_checkpoint_and_json(trained):
     details = result["details"]
     assert details["device"].startswith(device)
     assert details["epochs"] == 1 and details["timesteps"] == 20 and details["sampler"] == "ddpm"
-    assert details["guidance"] == 2.0  # --guidance auto with DDPM, guided by the checkpoint's guide weights
+    assert details["guidance"] == 2.0  # guided by the checkpoint's guide weights
     assert 0 < details["finalLoss"] < 2 and details["trainImagesPerSecond"] > 0
     with Image.open(out_dir / "new_creation.png") as grid:
         assert grid.size == grid_size(8, nrow=3)
@@ -62,7 +62,7 @@ def test_sample_only_with_ddim_reuses_the_checkpoint(trained, tmp_path):
                       "--data-dir", tmp_path / "no-data-needed", cwd=tmp_path)
     details = result_json(proc)["details"]
     assert details["sampler"] == "ddim" and details["sampleSteps"] == 5 and details["finalLoss"] is None
-    assert details["guidance"] == 3.0  # --guidance auto with DDIM
+    assert details["guidance"] == 2.0
     assert details["timesteps"] == 20  # the architecture and schedule come from the checkpoint
     with Image.open(tmp_path / "re" / "new_creation.png") as grid:
         assert grid.size == grid_size(4, nrow=2)
@@ -172,16 +172,16 @@ def tiny_model():
     return quest, quest.SimpleUNet(base_channels=8), quest.NoiseSchedule(20, torch.device("cpu"))
 
 
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_chunked_sampling_gives_the_same_images_as_one_pass(tiny_model, sampler):
+@pytest.mark.parametrize("sampler, eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_chunked_sampling_gives_the_same_images_as_one_pass(tiny_model, sampler, eta):
     quest, model, schedule = tiny_model
     cpu = torch.device("cpu")
-    whole, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=3)
-    chunked, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=4, seed=3)
+    whole, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=3, eta=eta)
+    chunked, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=4, seed=3, eta=eta)
     assert whole.shape == (10, 1, 32, 32)
     # the same random draws; only the batch size of the convolutions differs (float rounding)
     assert torch.allclose(whole, chunked, atol=1e-4), (whole - chunked).abs().max()
-    other, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=4)
+    other, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=4, eta=eta)
     assert not torch.allclose(whole, other)
 
 
@@ -219,6 +219,27 @@ def test_ddim_stays_in_range_and_rederives_the_noise_from_the_clamped_x0(tiny_mo
     assert torch.allclose(schedule.ddim_step(x, wild, t, -1), x0, atol=1e-5)  # the last step returns the clamped x0
 
 
+def test_ddim_eta_adds_the_posterior_noise_and_0_is_deterministic(tiny_model):
+    quest, model, schedule = tiny_model
+    cpu = torch.device("cpu")
+    x, eps, fresh = torch.randn(3, 2, 1, 32, 32)
+    t, t_prev = 10, 5
+    ab, ab_prev = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t_prev]
+    deterministic = schedule.ddim_step(x, eps, t, t_prev)
+    assert torch.equal(schedule.ddim_step(x, eps, t, t_prev, 0.0, fresh), deterministic)
+    stochastic = schedule.ddim_step(x, eps, t, t_prev, 1.0, fresh)
+    without_fresh = schedule.ddim_step(x, eps, t, t_prev, 1.0, torch.zeros_like(fresh))
+    sigma = ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()  # eta 1: the DDPM posterior's deviation
+    assert torch.allclose(stochastic - without_fresh, sigma * fresh, atol=1e-5)
+    last = schedule.ddim_step(x, eps, t, -1, 1.0, fresh)
+    assert torch.allclose(last, schedule.ddim_step(x, eps, t, -1), atol=1e-6)  # no noise after the last step: x0
+    once, _, _ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=1.0)
+    again, _, _ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=1.0)
+    plain, _, _ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=0.0)
+    assert torch.equal(once, again) and not torch.allclose(once, plain, atol=1e-3)  # seeded, and noise was added
+    assert once.min() >= -1 and once.max() <= 1 and torch.isfinite(once).all()
+
+
 # ---------------------------------------------------------------- faults lose nothing (issue 9)
 @pytest.mark.parametrize("flags, words", [
     (["--lr", "nan"], ["--lr", "finite"]),
@@ -226,6 +247,7 @@ def test_ddim_stays_in_range_and_rederives_the_noise_from_the_clamped_x0(tiny_mo
     (["--ema-decay", "nan"], ["--ema-decay", "[0, 1)"]),
     (["--ema-decay", "1"], ["--ema-decay", "[0, 1)"]),
     (["--guidance", "0"], ["--guidance", "above 0"]),
+    (["--eta", "1.5"], ["--eta", "[0, 1]"]),
     (["--base-channels", "12"], ["--base-channels", "multiple of 8"]),
     (["--channel-mult", "1,2"], ["--channel-mult", "three positive integers"]),
     (["--channel-mult", "1,0,2"], ["--channel-mult", "three positive integers"]),
