@@ -56,7 +56,7 @@ def parse_args():
     p.add_argument("--checkpoint", type=Path, default=Path("chaos_sculptures/checkpoint.pt"), help="quality")
     p.add_argument("--num-samples", type=int, default=256, help="quality: digits to generate and score")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="quality")
-    p.add_argument("--sample-steps", type=int, default=50, help="quality: DDIM steps")
+    p.add_argument("--sample-steps", type=int, default=100, help="quality: DDIM steps (the script's default)")
     p.add_argument("--guidance", type=float, default=2.0,
                    help="quality: autoguidance weight with the checkpoint's guide weights (1 = plain sampling)")
     p.add_argument("--eta", type=float, default=1.0, help="quality: DDIM's eta (0 = deterministic)")

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The ablation behind quest_12_2's defaults, at the Quickstart's budget (4,000 shipped digits, batch 32, about
 # 4 min of training on a 2-core CPU): each row trains with some of the script's choices switched back to the
-# spec, then bench_ddpm.py quality scores 256 DDPM-300 and 256 DDIM-50 samples (confident share, classes, Frechet
-# distance in the judge's features vs real-vs-real), with the --guidance and --eta the row's script ran with. Rows
-# are cumulative down to "ddim-eta1" (today's Quickstart); the rows after it are variants measured and not kept.
+# spec, then bench_ddpm.py quality scores 256 DDPM-300 and 256 DDIM samples (confident share, classes, Frechet
+# distance in the judge's features vs real-vs-real), with the --guidance, --eta and --sample-steps the row's script
+# ran with. Rows are cumulative down to "ddim-100" (today's Quickstart); the rows after it are variants measured and
+# not kept.
 #   bash bench/ddpm_ablation.sh [OUT_DIR] [SEEDS] [ROWS]      e.g. bash bench/ddpm_ablation.sh bench/out/ablation "0 1" 'narrow'
 # ROWS: a regular expression picking rows by name (default: all). Finished rows are read back, not rerun.
 # On a 2-core CPU a row takes about as long as the Quickstart plus 2 min of scoring; on a GPU, seconds.
@@ -14,7 +15,7 @@ py=${PYTHON:-python3}  # e.g. PYTHON="flock /tmp/torch.lock .venv/bin/python" on
 mkdir -p "$out"
 common="--data-dir assets/mnist-5k --batch-size 32 --num-samples 8"
 wide="--base-channels 32 --channel-mult 1,2,2 --epochs 15"  # the Quickstart's model before "narrow"
-plain="--guidance 1 --eta 0"  # sampling before autoguidance and stochastic DDIM
+plain="--guidance 1 --eta 0 --sample-steps 50"  # sampling before autoguidance and stochastic DDIM
 rows=(
   "spec|$wide --beta-schedule linear --lr-schedule constant --warmup-steps 0 --snr-gamma 0 --lr 1e-3 $plain"
   "scaled-betas|$wide --lr-schedule constant --warmup-steps 0 --snr-gamma 0 --lr 1e-3 $plain"
@@ -22,27 +23,28 @@ rows=(
   "minsnr|$wide --lr 1e-3 $plain"
   "lr2e-3|$wide $plain"
   "narrow|--base-channels 16 --epochs 30 $plain"  # 16-32-64 channels: twice the images/s, twice the epochs
-  "autoguidance|--base-channels 16 --epochs 30 --eta 0"  # guided by the EMA of epoch 8, w 2
-  "ddim-eta1|--base-channels 16 --epochs 30"  # DDIM adds fresh noise at every step: today's Quickstart
+  "autoguidance|--base-channels 16 --epochs 30 --eta 0 --sample-steps 50"  # guided by the EMA of epoch 8, w 2
+  "ddim-eta1|--base-channels 16 --epochs 30 --sample-steps 50"  # DDIM adds fresh noise at every step
+  "ddim-100|--base-channels 16 --epochs 30"  # ... over 100 steps instead of 50: today's Quickstart
   "cosine-betas|$wide --beta-schedule cosine $plain"
   "w16x148-e18|--base-channels 16 --channel-mult 1,4,8 --epochs 18 $plain"
   "w16x124-e30-lr3e-3|--base-channels 16 --epochs 30 --lr 3e-3 $plain"
   "w16x122-e35|--base-channels 16 --channel-mult 1,2,2 --epochs 35 $plain"
   "narrow-b16-e27|--base-channels 16 --epochs 27 --batch-size 16 $plain"
   "narrow-e60|--base-channels 16 --epochs 60 $plain"  # twice the Quickstart's minutes: what more compute buys
-  "ddim-eta0-w3|--base-channels 16 --epochs 30 --eta 0 --guidance 3"  # deterministic DDIM's best weight
+  "ddim-eta0-w3|--base-channels 16 --epochs 30 --eta 0 --guidance 3 --sample-steps 50"  # deterministic DDIM's best w
 )
 for seed in $seeds; do
   for row in "${rows[@]}"; do
     name=${row%%|*}; flags=${row#*|}
     [[ $name =~ $pick ]] || continue
     run="$out/$name-seed$seed"
-    sampling=$(grep -oE -- '--(guidance|eta) [0-9.]+' <<< "$flags" || true)  # scored as the script samples
+    sampling=$(grep -oE -- '--(guidance|eta|sample-steps) [0-9.]+' <<< "$flags" || true)  # as the script samples
     if [ ! -f "$run/ddim.json" ]; then
       $py quest_12_2.py $common $flags --seed "$seed" --out-dir "$run" > "$run.log" 2>&1
       for sampler in ddpm ddim; do
-        $py bench/bench_ddpm.py quality --checkpoint "$run/checkpoint.pt" --sampler "$sampler" --sample-steps 50 \
-          $sampling --num-samples 256 --seed "$seed" --grid "$run/$sampler-256.png" | tail -1 > "$run/$sampler.tmp"
+        $py bench/bench_ddpm.py quality --checkpoint "$run/checkpoint.pt" --sampler "$sampler" $sampling \
+          --num-samples 256 --seed "$seed" --grid "$run/$sampler-256.png" | tail -1 > "$run/$sampler.tmp"
         mv "$run/$sampler.tmp" "$run/$sampler.json"
       done
     fi
