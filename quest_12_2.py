@@ -70,7 +70,6 @@ def positive_float(text):
     return value
 
 
-
 def pick_device(name):
     """--device auto: CUDA, then Apple's MPS, then the CPU; a device asked for by name must be there."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
