@@ -183,16 +183,15 @@ def parse_args(argv=None):
                    help="self-attention at the 8x8 bottleneck")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights used for sampling")
     p.add_argument("--guidance", type=positive_float, default=2.0,
-                   help="autoguidance weight w (Karras et al. 2024): the noise is extrapolated away from the EMA as it "
-                        "was a quarter into training, eps_guide + w * (eps - eps_guide); 1 = plain sampling (the spec)")
+                   help="autoguidance weight w (Karras et al. 2024): the predicted noise is pushed away from that of "
+                        "the EMA as it was a quarter into training (kept in the checkpoint), eps_guide + w * (eps - "
+                        "eps_guide); w > 1 pushes away, 1 = plain sampling (the spec); costs a second forward pass")
     p.add_argument("--num-samples", type=positive_int, default=64, help="digits to generate")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm: Ho et al. Algorithm 2 over all T steps; ddim: Song et al., --sample-steps steps")
-    p.add_argument("--sample-steps", type=positive_int, default=100,
-                   help="DDIM steps (DDPM always runs all T steps); with --eta 1, 100 gives better digits than 50")
+    p.add_argument("--sample-steps", type=positive_int, default=100, help="DDIM steps (DDPM always runs all T steps)")
     p.add_argument("--eta", type=ddim_eta, default=1.0,
-                   help="DDIM's noise: 0 = deterministic DDIM, 1 = fresh noise at every step as DDPM adds (better "
-                        "digits from a short training, measured)")
+                   help="DDIM only: 0 = deterministic DDIM; 1 = fresh noise at every step, as much as DDPM adds")
     p.add_argument("--sample-batch-size", type=positive_int, default=64,
                    help="digits denoised per forward pass; more samples run in chunks (same images, less memory)")
     p.add_argument("--out-dir", default="chaos_sculptures", help="where the grid, trajectory and checkpoint go")
@@ -460,9 +459,9 @@ def guide_epoch(epochs):
     return math.ceil(epochs / 4)
 
 
-def train(model, ema, guide, optimizer, schedule, images, args, device, dtype, first_epoch, save_epoch):
-    """Train up to --epochs; after every epoch `save_epoch(epoch)` checkpoints, so Ctrl-C loses one epoch at most.
-    At guide_epoch(--epochs) the EMA weights are copied into `guide` (autoguidance's weaker model)."""
+def train(model, ema, optimizer, schedule, images, args, device, dtype, first_epoch, end_epoch):
+    """Train up to --epochs; after every epoch `end_epoch(epoch)` keeps the guide when it is due and checkpoints,
+    so Ctrl-C loses one epoch at most."""
     step_model = torch.compile(model) if args.compile else model
     batches = math.ceil(len(images) / args.batch_size)
     total_steps = args.epochs * batches
@@ -487,9 +486,7 @@ def train(model, ema, guide, optimizer, schedule, images, args, device, dtype, f
                              f"outputs; lower --lr (now {args.lr:g}; try {args.lr / 10:g})")
                     bar.set_postfix(loss=f"{running:.4f}")
         epoch_losses.append(total.item() / batches)
-        if epoch + 1 == guide_epoch(args.epochs):
-            guide.load_state_dict(ema.model.state_dict())
-        save_epoch(epoch + 1)
+        end_epoch(epoch + 1)
         print(f"epoch {epoch + 1}/{args.epochs}  loss {epoch_losses[-1]:.4f}  checkpoint saved", flush=True)
     return epoch_losses, seen / (time.perf_counter() - start)
 
@@ -597,22 +594,22 @@ def main(argv=None):
                        channel_mult=tuple(config["channel_mult"])).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = EMA(model, args.ema_decay)
-    guide = copy.deepcopy(ema.model)  # autoguidance's weaker model: the EMA a quarter into training
+    # autoguidance's weaker model: the EMA as it was a quarter into training, taken once; guide_taken is its epoch
+    guide, guide_taken = copy.deepcopy(ema.model), None
     first_epoch, epoch_losses, images_per_s = 0, [], None  # what --sample-only reports
     if checkpoint:
         try:
             model.load_state_dict(checkpoint["model"])
             ema.model.load_state_dict(checkpoint["ema"])
             optimizer.load_state_dict(checkpoint["optimizer"])
+            if "guide" in checkpoint:
+                guide.load_state_dict(checkpoint["guide"])
+                guide_taken = checkpoint.get("guide_epoch", 0)  # 0: taken at an unrecorded epoch
         except (RuntimeError, ValueError, KeyError) as err:
             fail(f"{args.checkpoint} does not match the SimpleUNet of its own config ({str(err).splitlines()[0][:120]}); "
                  "retrain or pass another --checkpoint")
         ema.updates = checkpoint.get("ema_updates", 0)
         first_epoch = checkpoint["epoch"]
-        if "guide" in checkpoint:
-            guide.load_state_dict(checkpoint["guide"])
-        elif args.sample_only or first_epoch >= guide_epoch(args.epochs):  # no guide was taken: plain sampling
-            guide = None
     epochs_done = first_epoch
     print(f"device {device} ({str(dtype).replace('torch.', '') if dtype else 'fp32'}), SimpleUNet "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, T={schedule.timesteps} "
@@ -625,17 +622,21 @@ def main(argv=None):
 
         saved_epochs = []
 
-        def save_epoch(epoch):
+        def end_epoch(epoch):
+            nonlocal guide_taken
+            if guide_taken is None and epoch >= guide_epoch(args.epochs):
+                guide.load_state_dict(ema.model.state_dict())
+                guide_taken = epoch
             saved_epochs.append(epoch)
             args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(args.checkpoint, torch_bytes({
                 "model": model.state_dict(), "ema": ema.model.state_dict(), "ema_updates": ema.updates,
-                **({"guide": guide.state_dict()} if guide is not None and epoch >= guide_epoch(args.epochs) else {}),
+                **({"guide": guide.state_dict(), "guide_epoch": guide_taken} if guide_taken is not None else {}),
                 "optimizer": optimizer.state_dict(), "epoch": epoch, "config": config}))
 
         try:
-            epoch_losses, images_per_s = train(model, ema, guide, optimizer, schedule, images, args, device, dtype,
-                                               first_epoch, save_epoch)
+            epoch_losses, images_per_s = train(model, ema, optimizer, schedule, images, args, device, dtype,
+                                               first_epoch, end_epoch)
         except KeyboardInterrupt:
             last = saved_epochs[-1] if saved_epochs else (first_epoch if args.resume else None)
             kept = (f"{args.checkpoint} holds epoch {last}; continue with --resume --checkpoint {args.checkpoint}"
@@ -644,9 +645,11 @@ def main(argv=None):
             sys.exit(130)
         epochs_done = max(args.epochs, first_epoch)
 
-    if guide is None and args.guidance != 1:
-        print(f"note: {args.checkpoint} holds no guide weights (older, or stopped before epoch "
-              f"{guide_epoch(args.epochs)}); sampling without --guidance", flush=True)
+    if guide_taken is None:
+        guide = None
+        if args.guidance != 1:
+            print(f"note: {args.checkpoint} holds no guide weights (written before autoguidance, or by a run stopped "
+                  "before a quarter of its epochs); sampling without guidance", flush=True)
     start = time.perf_counter()
     samples, snapshots, steps_run = sample(ema.model, schedule, args.num_samples, args.sampler, args.sample_steps,
                                            device, args.sample_batch_size, dtype, args.seed, guide, args.guidance,

@@ -96,7 +96,13 @@ def test_resume_continues_training_to_the_requested_epochs(trained, mnist_root, 
     assert details["epochs"] == 2 and len(details["epochLosses"]) == 1  # only the second epoch ran
     # the weights fix the architecture: a different width is reported and ignored, an equal one is not mentioned
     assert "keeps the checkpoint's --channel-mult 1,2,4" in proc.stdout and "--timesteps" not in proc.stdout
-    assert torch.load(checkpoint, weights_only=True)["epoch"] == 2
+    resumed = torch.load(checkpoint, weights_only=True)
+    assert resumed["epoch"] == 2
+    # the guide was taken once, at epoch 1 (a quarter of 1); resuming keeps it rather than the newer EMA
+    before = torch.load(out_dir / "checkpoint.pt", weights_only=True)
+    assert resumed["guide_epoch"] == 1
+    assert all(torch.equal(resumed["guide"][k], before["guide"][k]) for k in before["guide"])
+    assert any(not torch.equal(resumed["guide"][k], resumed["ema"][k]) for k in resumed["ema"])
 
 
 def test_same_seed_gives_the_same_digits(trained, mnist_root, tmp_path):
@@ -185,6 +191,17 @@ def test_chunked_sampling_gives_the_same_images_as_one_pass(tiny_model, sampler,
     assert not torch.allclose(whole, other)
 
 
+class Constant(torch.nn.Module):
+    """A stand-in UNet that predicts the same noise value everywhere."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, x, t):
+        return torch.full_like(x, self.value)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_guidance_extrapolates_away_from_the_guide_and_1_is_plain_sampling(tiny_model, sampler):
     quest, model, schedule = tiny_model
@@ -199,6 +216,11 @@ def test_guidance_extrapolates_away_from_the_guide_and_1_is_plain_sampling(tiny_
     guided, _, _ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=weaker, guidance=2.0)
     assert not torch.allclose(plain, guided, atol=1e-3)
     assert guided.min() >= -1 and guided.max() <= 1 and torch.isfinite(guided).all()
+    # the combination itself: models that predict constants a (main) and b (guide) act as one predicting b + w (a - b)
+    a, b, w = 0.3, -0.1, 2.5
+    pushed, _, _ = quest.sample(Constant(a), schedule, 6, sampler, 5, cpu, seed=3, guide=Constant(b), guidance=w)
+    expected, _, _ = quest.sample(Constant(b + w * (a - b)), schedule, 6, sampler, 5, cpu, seed=3)
+    assert torch.allclose(pushed, expected, atol=1e-5)
     assert quest.guide_epoch(30) == 8 and quest.guide_epoch(20) == 5 and quest.guide_epoch(1) == 1
 
 
@@ -231,6 +253,9 @@ def test_ddim_eta_adds_the_posterior_noise_and_0_is_deterministic(tiny_model):
     without_fresh = schedule.ddim_step(x, eps, t, t_prev, 1.0, torch.zeros_like(fresh))
     sigma = ((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev)).sqrt()  # eta 1: the DDPM posterior's deviation
     assert torch.allclose(stochastic - without_fresh, sigma * fresh, atol=1e-5)
+    x0 = ((x - (1 - ab).sqrt() * eps) / ab.sqrt()).clamp(-1, 1)
+    rederived = (x - ab.sqrt() * x0) / (1 - ab).sqrt()  # the noise kept shrinks so the variance stays 1 - ab_prev
+    assert torch.allclose(without_fresh, ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).sqrt() * rederived, atol=1e-5)
     last = schedule.ddim_step(x, eps, t, -1, 1.0, fresh)
     assert torch.allclose(last, schedule.ddim_step(x, eps, t, -1), atol=1e-6)  # no noise after the last step: x0
     once, _, _ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=1.0)
