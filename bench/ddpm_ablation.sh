@@ -34,14 +34,23 @@ rows=(
   "narrow-e60|--base-channels 16 --epochs 60 $plain"  # twice the Quickstart's minutes: what more compute buys
   "ddim-eta0-w3|--base-channels 16 --epochs 30 --eta 0 --guidance 3 --sample-steps 50"  # deterministic DDIM's best w
 )
+declare -A trained_in  # training flags -> this invocation's run with those weights: rows that differ only in
+                       # sampling share one training
 for seed in $seeds; do
+  trained_in=()
   for row in "${rows[@]}"; do
     name=${row%%|*}; flags=${row#*|}
     [[ $name =~ $pick ]] || continue
     run="$out/$name-seed$seed"
     sampling=$(grep -oE -- '--(guidance|eta|sample-steps) [0-9.]+' <<< "$flags" || true)  # as the script samples
+    training=$(sed -E 's/ ?--(guidance|eta|sample-steps) [0-9.]+//g' <<< "$flags")
     if [ ! -f "$run/ddim.json" ]; then
-      $py quest_12_2.py $common $flags --seed "$seed" --out-dir "$run" > "$run.log" 2>&1
+      if [ -n "${trained_in[$training]:-}" ]; then  # the same training and seed give the same weights: reuse them
+        mkdir -p "$run" && cp "${trained_in[$training]}/checkpoint.pt" "$run/"
+      else
+        $py quest_12_2.py $common $flags --seed "$seed" --out-dir "$run" > "$run.log" 2>&1
+      fi
+      trained_in[$training]=$run
       for sampler in ddpm ddim; do
         $py bench/bench_ddpm.py quality --checkpoint "$run/checkpoint.pt" --sampler "$sampler" $sampling \
           --num-samples 256 --seed "$seed" --grid "$run/$sampler-256.png" | tail -1 > "$run/$sampler.tmp"
