@@ -183,9 +183,10 @@ def parse_args(argv=None):
                    help="self-attention at the 8x8 bottleneck")
     p.add_argument("--ema-decay", type=ema_decay, default=0.999, help="EMA of the weights used for sampling")
     p.add_argument("--guidance", type=positive_float, default=2.0,
-                   help="autoguidance weight w (Karras et al. 2024): the predicted noise is pushed away from that of "
-                        "the EMA as it was a quarter into training (kept in the checkpoint), eps_guide + w * (eps - "
-                        "eps_guide); w > 1 pushes away, 1 = plain sampling (the spec); costs a second forward pass")
+                   help="autoguidance weight w > 0 (Karras et al. 2024): the predicted noise is pushed away from that "
+                        "of the EMA as it was a quarter into training (kept in the checkpoint), eps_guide + w * (eps - "
+                        "eps_guide); w > 1 pushes away, 1 = plain sampling (the spec), w < 1 pulls toward the guide; "
+                        "costs a second forward pass")
     p.add_argument("--num-samples", type=positive_int, default=64, help="digits to generate")
     p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm",
                    help="ddpm: Ho et al. Algorithm 2 over all T steps; ddim: Song et al., --sample-steps steps")
@@ -598,16 +599,22 @@ def main(argv=None):
     guide, guide_taken = copy.deepcopy(ema.model), None
     first_epoch, epoch_losses, images_per_s = 0, [], None  # what --sample-only reports
     if checkpoint:
+        def reason(err):  # torch's load_state_dict errors put a header line before the cause
+            return " ".join(str(err).split())[:200]
         try:
             model.load_state_dict(checkpoint["model"])
             ema.model.load_state_dict(checkpoint["ema"])
             optimizer.load_state_dict(checkpoint["optimizer"])
-            if "guide" in checkpoint:
-                guide.load_state_dict(checkpoint["guide"])
-                guide_taken = checkpoint.get("guide_epoch", 0)  # 0: taken at an unrecorded epoch
-        except (RuntimeError, ValueError, KeyError) as err:
-            fail(f"{args.checkpoint} does not match the SimpleUNet of its own config ({str(err).splitlines()[0][:120]}); "
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            fail(f"{args.checkpoint} does not match the SimpleUNet of its own config ({reason(err)}); "
                  "retrain or pass another --checkpoint")
+        if "guide" in checkpoint and not (args.sample_only and args.guidance == 1):  # needed to sample or to keep
+            try:
+                guide.load_state_dict(checkpoint["guide"])
+            except (RuntimeError, ValueError, KeyError, TypeError) as err:
+                fail(f"the guide weights in {args.checkpoint} do not fit its SimpleUNet ({reason(err)}); "
+                     + ("sample with --guidance 1" if args.sample_only else "retrain without --resume"))
+            guide_taken = checkpoint.get("guide_epoch", 0)  # 0: taken at an unrecorded epoch
         ema.updates = checkpoint.get("ema_updates", 0)
         first_epoch = checkpoint["epoch"]
     epochs_done = first_epoch
@@ -619,6 +626,9 @@ def main(argv=None):
         images = load_training_images(config["dataset"], args.data_dir, device)
         print(f"{len(images)} training images of {config['dataset']} on {device}; a checkpoint is saved to "
               f"{args.checkpoint} after every epoch", flush=True)
+        if first_epoch >= args.epochs:
+            print(f"note: {args.checkpoint} is already at epoch {first_epoch} of --epochs {args.epochs}; nothing to "
+                  f"train (raise --epochs to continue), sampling from it", flush=True)
 
         saved_epochs = []
 
@@ -639,7 +649,7 @@ def main(argv=None):
                                                first_epoch, end_epoch)
         except KeyboardInterrupt:
             last = saved_epochs[-1] if saved_epochs else (first_epoch if args.resume else None)
-            kept = (f"{args.checkpoint} holds epoch {last}; continue with --resume --checkpoint {args.checkpoint}"
+            kept = (f"{args.checkpoint} holds epoch {last}; to continue, run the same command with --resume"
                     if last else "no epoch had finished, so no checkpoint was written")
             print(f"error: interrupted (Ctrl-C) during training; {kept}", file=sys.stderr, flush=True)
             sys.exit(130)
@@ -655,6 +665,10 @@ def main(argv=None):
                                            device, args.sample_batch_size, dtype, args.seed, guide, args.guidance,
                                            args.eta)
     sample_seconds = time.perf_counter() - start
+    if not torch.isfinite(samples).all():  # never save a black grid and call it a success
+        fail(f"the sampled digits are not finite (NaN or inf): the weights in {args.checkpoint}"
+             + (" or its guide weights are broken; try --guidance 1, or retrain" if guide is not None
+                else " are broken; retrain"))
     grid_path, trajectory_path = out_dir / "new_creation.png", out_dir / "trajectory.png"
     out_dir.mkdir(parents=True, exist_ok=True)
     write_atomically(grid_path, png_bytes(samples, nrow=math.ceil(math.sqrt(args.num_samples))))
@@ -670,7 +684,8 @@ def main(argv=None):
             "betaSchedule": config["beta_schedule"],
             "finalLoss": round(epoch_losses[-1], 5) if epoch_losses else None, "epochLosses": [round(v, 5) for v in epoch_losses],
             "trainImagesPerSecond": round(images_per_s, 1) if images_per_s else None,
-            "sampler": args.sampler, "sampleSteps": steps_run, "guidance": args.guidance if guide is not None else 1.0,
+            "sampler": args.sampler, "sampleSteps": steps_run, "eta": args.eta if args.sampler == "ddim" else None,
+            "guidance": args.guidance if guide is not None else 1.0,
             "numSamples": args.num_samples, "sampleSeconds": round(sample_seconds, 2),
             "trajectory": str(trajectory_path), "checkpoint": str(args.checkpoint), "seed": args.seed,
         },

@@ -37,7 +37,7 @@ def test_tiny_run_writes_grid_trajectory_checkpoint_and_json(trained):
     details = result["details"]
     assert details["device"].startswith(device)
     assert details["epochs"] == 1 and details["timesteps"] == 20 and details["sampler"] == "ddpm"
-    assert details["guidance"] == 2.0  # guided by the checkpoint's guide weights
+    assert details["guidance"] == 2.0 and details["eta"] is None  # guided by the checkpoint's guide weights
     assert 0 < details["finalLoss"] < 2 and details["trainImagesPerSecond"] > 0
     with Image.open(out_dir / "new_creation.png") as grid:
         assert grid.size == grid_size(8, nrow=3)
@@ -62,7 +62,7 @@ def test_sample_only_with_ddim_reuses_the_checkpoint(trained, tmp_path):
                       "--data-dir", tmp_path / "no-data-needed", cwd=tmp_path)
     details = result_json(proc)["details"]
     assert details["sampler"] == "ddim" and details["sampleSteps"] == 5 and details["finalLoss"] is None
-    assert details["guidance"] == 2.0
+    assert details["guidance"] == 2.0 and details["eta"] == 1.0
     assert details["timesteps"] == 20  # the architecture and schedule come from the checkpoint
     with Image.open(tmp_path / "re" / "new_creation.png") as grid:
         assert grid.size == grid_size(4, nrow=2)
@@ -83,6 +83,26 @@ def test_a_checkpoint_without_guide_weights_samples_plainly_and_says_so(trained,
     plain = run_script(SCRIPT, *args, "--out-dir", tmp_path / "plain", "--guidance", "1", cwd=tmp_path)
     assert "holds no guide weights" not in plain.stdout
     assert (tmp_path / "old" / "new_creation.png").read_bytes() == (tmp_path / "plain" / "new_creation.png").read_bytes()
+
+
+@pytest.mark.parametrize("damage", ["wrong shape", "not weights", "nan"])
+def test_broken_guide_weights_fail_in_one_line_and_guidance_1_still_samples(trained, tmp_path, damage):
+    device, out_dir, _ = trained
+    checkpoint = torch.load(out_dir / "checkpoint.pt", map_location="cpu", weights_only=True)
+    if damage == "wrong shape":
+        checkpoint["guide"][next(iter(checkpoint["guide"]))] = torch.zeros(3)
+    elif damage == "not weights":
+        checkpoint["guide"] = None
+    else:  # loads fine, samples NaN: no black grid may be saved and called a success
+        checkpoint["guide"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                               for k, v in checkpoint["guide"].items()}
+    torch.save(checkpoint, tmp_path / "broken.pt")
+    args = ["--sample-only", "--checkpoint", tmp_path / "broken.pt", "--num-samples", "4", "--device", device]
+    proc = run_script(SCRIPT, *args, "--out-dir", tmp_path / "out", cwd=tmp_path)
+    assert_clean_failure(proc, "guide", "--guidance 1")
+    assert "success" not in proc.stdout and not (tmp_path / "out" / "new_creation.png").exists()
+    plain = run_script(SCRIPT, *args, "--out-dir", tmp_path / "plain", "--guidance", "1", cwd=tmp_path)
+    assert result_json(plain)["details"]["guidance"] == 1.0
 
 
 def test_resume_continues_training_to_the_requested_epochs(trained, mnist_root, tmp_path):
