@@ -517,9 +517,9 @@ def sample(model, schedule, num_samples, sampler, sample_steps, device, batch_si
     generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn(num_samples, 1, IMAGE_SIZE, IMAGE_SIZE, device=device, generator=generator)
     snapshots = [x[:8].clamp(-1, 1)]
+    stochastic = sampler == "ddpm" or eta > 0  # fresh noise at every step
     with tqdm(steps, desc=f"sampling ({sampler}, {len(steps)} steps)", leave=False, disable=None) as bar:
         for i, t in enumerate(bar):
-            stochastic = sampler == "ddpm" or eta > 0
             noise = torch.randn(x.shape, device=device, generator=generator) if stochastic else None
             for chunk in range(0, num_samples, batch_size):
                 part = slice(chunk, chunk + batch_size)

@@ -17,10 +17,10 @@
 
     python bench/bench_ddpm.py quality --checkpoint chaos_sculptures/checkpoint.pt --data-dir assets/mnist-5k
         samples digits from a checkpoint's EMA weights as the script does (autoguidance from its guide weights,
-        --guidance 1 for plain sampling; DDIM with --eta 1, 0 for deterministic) and scores them with a small CNN (the judge) trained on
-        the real training digits: the share classified with confidence >= 0.9, how many of the 10 classes
-        appear, and the Frechet distance between the judge's 128-d features of the samples and of as many real
-        test digits (FD; the same n for the real-vs-real reference: test digits [0, n) vs [n, 2n)). Confidence
+        --guidance 1 for plain sampling; DDIM with --eta 1, 0 for deterministic) and scores them with a small CNN
+        (the judge) trained on the real training digits: the share classified with confidence >= 0.9, how many of
+        the 10 classes appear, and the Frechet distance between the judge's 128-d features of the samples and of as
+        many real test digits (FD; the same n for the real-vs-real reference: test digits [0, n) vs [n, 2n)). Confidence
         alone rewards thick blob-like 0s and 8s; FD sees when the samples are not distributed like digits.
         The last line is the figures as JSON, for tables.
 """
@@ -187,8 +187,7 @@ def quality(args, device):
     model.load_state_dict(checkpoint["ema"])
     guide = None  # autoguidance's weaker model, as the script samples with it
     if "guide" in checkpoint and args.guidance != 1:
-        guide = quest.SimpleUNet(base_channels=config["base_channels"], attention=config["attention"],
-                                 channel_mult=tuple(config.get("channel_mult", (1, 2, 2)))).to(device)
+        guide = copy.deepcopy(model)  # the same architecture
         guide.load_state_dict(checkpoint["guide"])
     elif args.guidance != 1:
         print(f"note: {args.checkpoint} holds no guide weights; scoring plain sampling", flush=True)
