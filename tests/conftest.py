@@ -13,6 +13,11 @@ from tools.kit import (OFFLINE_ENV, REPO, SHIPPED_MNIST, assert_clean_failure, i
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: trains or runs a script for more than a few seconds; "
+                                       "`pytest -m 'not slow' tests` is the fast tier")
+
+
 @pytest.fixture(scope="session")
 def mnist_root(tmp_path_factory):
     """A data root with 512 train + 256 test real digits (the shipped subset is class-interleaved)."""

@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,11 +67,11 @@ def run_script(script, *args, cwd, env=None, timeout=600):
     return proc
 
 
-def interrupt_script(script, *args, ready, cwd, env=None, timeout=120):
+def interrupt_script(script, *args, ready, cwd, env=None, timeout=120, sig=signal.SIGINT):
     """Run the script as a user would, wait for a stdout line that starts with `ready`, press Ctrl-C (a real
-    SIGINT) and return the CompletedProcess, str output with carriage returns kept. The child gets the default
-    SIGINT handler: a job started in the background (`cmd &`, CI under nohup) hands SIGINT down ignored, and
-    Python then never raises KeyboardInterrupt. stderr goes to a file, so progress bars never block on a pipe."""
+    SIGINT; sig=signal.SIGTERM sends what `timeout` or a scheduler sends) and return the CompletedProcess, str
+    output with carriage returns kept. The child gets the default SIGINT handler: a job started in the
+    background (`cmd &`, CI under nohup) hands SIGINT down ignored, and Python then never raises KeyboardInterrupt. stderr goes to a file, so progress bars never block on a pipe."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **(env or {})}
     command = [sys.executable, str(REPO / script), *map(str, args)]
     with tempfile.TemporaryFile() as stderr_file:
@@ -82,7 +83,7 @@ def interrupt_script(script, *args, ready, cwd, env=None, timeout=120):
                 seen.append(line)
                 if line.decode(errors="replace").startswith(ready):
                     break
-            process.send_signal(signal.SIGINT)
+            process.send_signal(sig)
             rest, _ = process.communicate(timeout=timeout)
         finally:
             process.kill()  # only if it is still running after a failed wait
@@ -90,6 +91,20 @@ def interrupt_script(script, *args, ready, cwd, env=None, timeout=120):
         stderr = stderr_file.read().decode(errors="replace")
     stdout = (b"".join(seen) + rest).decode(errors="replace")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+def stop_while_starting(script, *args, cwd, sig=signal.SIGINT, after_s=0.4):
+    """Run the script and send `sig` after_s seconds in, while it is still importing torch (which takes seconds);
+    returns the CompletedProcess with str output."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV}
+    process = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd, env=full_env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(after_s)
+    process.send_signal(sig)
+    stdout, stderr = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout.decode(errors="replace"),
+                                       stderr.decode(errors="replace"))
 
 
 def result_json(proc):
