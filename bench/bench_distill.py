@@ -9,6 +9,8 @@ Regimes, on the real digits shipped with the repo (4,000 train / 1,000 test):
   long      teacher 5 epochs, students 20 epochs, all on the 4,000 digits.
   teacher5  teacher 5 epochs, students 1 epoch, all on the 4,000 digits: the README's two-step workflow (a reused
             5-epoch teacher, 1-epoch students) at this size; the students see each digit once.
+  teacher5-b16  the same with students in batches of 16: 250 steps in their one pass instead of 63, nearer
+            the 938 steps of one full-size epoch (the teacher keeps batches of 64).
   heldout5  teacher 5 epochs on digits 0-1,999; students 1 epoch on digits 2,000-3,999, which the teacher never
             saw: a teacher that is wrong on the digits it distils as often as on the test set, as on a full-size
             set, where one epoch of the student sees every image once (the reused 5-epoch teacher with
@@ -48,13 +50,18 @@ VARIANTS = {
     "kd-T2-a0.25": ["--method", "kd", "--temperature", "2", "--alpha", "0.25"],  # PyTorch's KD tutorial
     "kd-T2-a0.1": ["--method", "kd", "--temperature", "2", "--alpha", "0.1"],
     "cosine-a0.25": ["--method", "cosine", "--alpha", "0.25"],  # the tutorial's weights
+    "hint-a0.1": ["--method", "hint", "--alpha", "0.1"],
     "hint-a0.25": ["--method", "hint", "--alpha", "0.25"],
+    "hint-a0.5": ["--method", "hint", "--alpha", "0.5"],
+    "hint-a0.75": ["--method", "hint", "--alpha", "0.75"],
+    "hint-a0.9": ["--method", "hint", "--alpha", "0.9"],
 }
-# regime -> (teacher epochs, student epochs, teacher's digits, students' digits)
+# regime -> (teacher epochs, student epochs, teacher's digits, students' digits[, students' batch size])
 REGIMES = {
     "spec": (1, 1, slice(None), slice(None)),
     "long": (5, 20, slice(None), slice(None)),
     "teacher5": (5, 1, slice(None), slice(None)),
+    "teacher5-b16": (5, 1, slice(None), slice(None), 16),
     "heldout5": (5, 1, slice(0, 2000), slice(2000, 4000)),
     "heldout1": (1, 1, slice(0, 2000), slice(2000, 4000)),
     "heldout5x30": (5, 30, slice(0, 2000), slice(2000, 4000)),
@@ -84,7 +91,7 @@ def kd_correct_student(student, x, y, teacher, args):
 
 def run_seed(regime, seed, variants, data_dir, log):
     name = regime.removesuffix("-oldlr")
-    teacher_epochs, epochs, teacher_part, student_part = REGIMES[name]
+    teacher_epochs, epochs, teacher_part, student_part, *student_batch = REGIMES[name]
     quest.warmup_cosine = old_warmup_cosine if regime.endswith("-oldlr") else QUEST_WARMUP_COSINE
     common = ["--data-dir", data_dir, "--device", "cpu", "--seed", str(seed), "--teacher-epochs", str(teacher_epochs),
               "--epochs", str(epochs)]
@@ -101,7 +108,8 @@ def run_seed(regime, seed, variants, data_dir, log):
     teacher_on_student_digits = quest.accuracy(teacher, x, y)
     rows = []
     for variant in ["baseline", *variants]:
-        student_args = quest.parse_args(common + ([] if variant == "baseline" else VARIANTS[variant]))
+        student_args = quest.parse_args(common + ([] if variant == "baseline" else VARIANTS[variant])
+                                        + [f"--batch-size={size}" for size in student_batch])
         torch.manual_seed(seed + 1)  # as main(): the hint regressor's initial weights
         student = quest.copy.deepcopy(initial_student)
         start = time.perf_counter()

@@ -33,7 +33,7 @@ def one_line_error(call, *args, **kwargs):
 @pytest.mark.parametrize("flags, words", [
     (("--alpha", "1.5"), ("--alpha", "[0, 1]")),
     (("--alpha", "nan"), ("--alpha", "nan")),
-    (("--temperature", "0"), ("--temperature", "above 0")),
+    (("--temperature", "0"), ("--temperature", "[0.1, 100]")),
     (("--temperature", "inf"), ("--temperature", "inf")),
     (("--lr", "nan"), ("--lr", "finite")),
     (("--lr", "-0.01"), ("--lr", "(0, 1e+30]")),
@@ -256,12 +256,13 @@ def test_teacher_and_students_learn_and_the_files_are_saved(trained, quest):
     assert result["teacherAccuracy"] > 0.8 and result["studentAccuracy"] > 0.7 and result["baselineAccuracy"] > 0.7, result
     assert result["distillationGain"] == pytest.approx(result["studentAccuracy"] - result["baselineAccuracy"], abs=1e-6)
     assert result["teacherParams"] == 421_642 and result["studentParams"] == 31_530
-    assert (result["method"], result["temperature"], result["alpha"]) == ("kd", quest.DEFAULT_TEMPERATURE,
-                                                                          quest.DEFAULT_ALPHA)
+    method = quest.DEFAULT_METHOD
+    assert (result["method"], result["temperature"], result["alpha"]) == (method, quest.DEFAULT_TEMPERATURE,
+                                                                          quest.DEFAULT_ALPHA[method])
     assert sorted(p.name for p in cwd.iterdir()) == ["models"]  # no ./data, no stray files
     assert sorted(p.name for p in (cwd / "models").iterdir()) == ["student.pt", "teacher.pt"]
     student = torch.load(cwd / "models" / "student.pt", weights_only=True)
-    assert (student["kind"], student["method"], student["dataset"]) == (quest.STUDENT_KIND, "kd", "mnist")
+    assert (student["kind"], student["method"], student["dataset"]) == (quest.STUDENT_KIND, method, "mnist")
     quest.StudentModel().load_state_dict(student["state_dict"])
     assert str(cwd / "models") in proc.stdout
 
@@ -275,7 +276,7 @@ def test_a_reused_teacher_is_not_retrained_and_compare_trains_every_method(train
     assert "teacher epoch" not in proc.stdout and "not retrained" in proc.stdout
     assert result["teacherLoaded"] is True and result["teacherEpochs"] == 2
     assert result["teacherAccuracy"] == first["teacherAccuracy"]  # exactly the saved teacher
-    # The same seed: the kd student and the baseline are the first run's, to the last digit.
+    # The same seed: the default method's student and the baseline are the first run's, to the last digit.
     assert (result["studentAccuracy"], result["baselineAccuracy"]) == (first["studentAccuracy"], first["baselineAccuracy"])
     assert list(result["methods"]) == ["kd", "cosine", "hint", "baseline"]
     for name, row in result["methods"].items():
