@@ -26,6 +26,7 @@ cosine over the whole run, instead of warmup_cosine's warm-up then cosine over t
 """
 import argparse
 import contextlib
+import copy
 import io
 import json
 import math
@@ -39,6 +40,8 @@ sys.path.insert(0, str(REPO))
 import quest_13_2 as quest  # noqa: E402  (the script itself)
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+
+QUEST_WARMUP_COSINE = quest.warmup_cosine  # the schedule the script uses (the "-oldlr" regimes swap it out)
 
 # Variants: the student's flags on top of the script's settings, spelled out so a later change of a default does
 # not change what a row measured. "kd-correct" is not a flag of the script: it is implemented below.
@@ -111,7 +114,7 @@ def run_seed(regime, seed, variants, data_dir, log):
         student_args = quest.parse_args(common + ([] if variant == "baseline" else VARIANTS[variant])
                                         + [f"--batch-size={size}" for size in student_batch])
         torch.manual_seed(seed + 1)  # as main(): the hint regressor's initial weights
-        student = quest.copy.deepcopy(initial_student)
+        student = copy.deepcopy(initial_student)
         start = time.perf_counter()
         if variant == "kd-T5-a0.5-correct":
             kd_correct_student(student, x, y, teacher, student_args)
@@ -159,8 +162,6 @@ def seed_list(text):
         return list(range(int(low), int(high) + 1))
     return [int(part) for part in text.split(",")]
 
-
-QUEST_WARMUP_COSINE = quest.warmup_cosine
 
 
 def main():

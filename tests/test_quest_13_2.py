@@ -80,6 +80,11 @@ def test_unusable_save_dir_is_refused_before_the_data_is_touched(where, words, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]  # no data fetched, no folder created
 
 
+def test_a_data_dir_name_too_long_for_the_file_system_is_refused(tmp_path, quest):
+    message = one_line_error(quest.main, ["--data-dir", str(tmp_path / ("d" * 300)), "--device", "cpu"])
+    assert "--data-dir" in message and "shorter path" in message, message
+
+
 def test_a_device_that_is_not_there_is_refused(quest):
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")
