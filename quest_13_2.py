@@ -355,7 +355,7 @@ def load_teacher(path, dataset):
 
 def main(argv=None):
     args = parse_args(argv)
-    check_args(args)  # the save folder, before any data or model is loaded
+    check_args(args)  # the folders, before any data or model is loaded
     loaded = None if args.teacher is None else load_teacher(args.teacher, args.dataset)
     device = pick_device(args.device)
 
