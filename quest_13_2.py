@@ -43,11 +43,15 @@ def raise_interrupt(signum, frame):
 
 signal.signal(signal.SIGTERM, raise_interrupt)
 try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
+    if hasattr(signal, "pthread_sigmask"):  # held until the imports end: one landing inside numpy's C import breaks it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
     import torchvision
     from tqdm import tqdm
+    if hasattr(signal, "pthread_sigmask"):  # a signal held meanwhile is raised here, inside this guard
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 except KeyboardInterrupt as stop:
     print("error: interrupted while starting; nothing was done", file=sys.stderr)
     sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))
@@ -58,8 +62,8 @@ except KeyboardInterrupt as stop:
 NORMALIZE = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 METHODS = ("kd", "cosine", "hint")
 # Chosen by bench/bench_distill.py over 8 seeds (docs/quest_13_2.md, "Measurements"): with students that see each
-# image once, hint (alpha 0.75) gained 0.3 to 1.5 points on average in each of four such regimes; kd's gains were
-# within their seed spread. The spec says T 5 and names alpha without a value; PyTorch's KD tutorial uses T 2 and 0.25 for all three.
+# image once, hint (alpha 0.75) gained 0.3 to 1.5 points on average in each of four such regimes (less the more
+# steps the one pass has); kd's gains were within their seed spread. The spec says T 5 and names alpha without a value; PyTorch's KD tutorial uses T 2 and 0.25 for all three.
 DEFAULT_METHOD, DEFAULT_TEMPERATURE = "hint", 2.0
 DEFAULT_ALPHA = {"kd": 0.25, "cosine": 0.25, "hint": 0.75}  # the weight of the teacher's term, per method
 TEACHER_KIND, STUDENT_KIND = "quest_13_2 teacher", "quest_13_2 student"  # what a saved file says it holds

@@ -10,7 +10,7 @@ Regimes, on the real digits shipped with the repo (4,000 train / 1,000 test):
   teacher5  teacher 5 epochs, students 1 epoch, all on the 4,000 digits: the README's two-step workflow (a reused
             5-epoch teacher, 1-epoch students) at this size; the students see each digit once.
   teacher5-b16  the same with students in batches of 16: 250 steps in their one pass instead of 63, nearer
-            the 938 steps of one full-size epoch (the teacher keeps batches of 64).
+            the 938 steps of one full-size epoch (the teacher keeps batches of 64); teacher5-b8: 500 steps.
   heldout5  teacher 5 epochs on digits 0-1,999; students 1 epoch on digits 2,000-3,999, which the teacher never
             saw: a teacher that is wrong on the digits it distils as often as on the test set, as on a full-size
             set, where one epoch of the student sees every image once (the reused 5-epoch teacher with
@@ -65,6 +65,7 @@ REGIMES = {
     "long": (5, 20, slice(None), slice(None)),
     "teacher5": (5, 1, slice(None), slice(None)),
     "teacher5-b16": (5, 1, slice(None), slice(None), 16),
+    "teacher5-b8": (5, 1, slice(None), slice(None), 8),
     "heldout5": (5, 1, slice(0, 2000), slice(2000, 4000)),
     "heldout1": (1, 1, slice(0, 2000), slice(2000, 4000)),
     "heldout5x30": (5, 30, slice(0, 2000), slice(2000, 4000)),
