@@ -1,27 +1,35 @@
-"""Bench for quest_13_2.py: does the distilled student beat the same student trained on labels alone?
+"""Bench for quest_13_2.py: which student loss beats the same student trained on labels alone, and by how much?
 
-Runs the script's main() for a grid of settings x regimes x seeds on the real digits shipped with the repo
-(4,000 train / 1,000 test) and prints, per setting and regime, mean +- std over seeds of the test accuracy of
-the teacher, the distilled student and the baseline student, of the gain (distilled - baseline, same seed),
-and the sign of the gain on each seed.
+Imports the script and drives its own parts (the models, fit, train_student), so it measures what users run. Per
+regime and seed it trains ONE teacher, then every variant's student and one baseline student from the same initial
+weights and batches, and logs one JSON line per student; --table prints mean ± std over seeds and per-seed signs.
 
-Two regimes (issue 10), the spec's budget in both: teacher 1 epoch, students 1 epoch, T 5, Adam peak lr 0.01,
-batch 64.
-  spec   one epoch = one pass over the 4,000 digits = 63 steps (the spec taken literally on this subset);
-  full   one epoch = 938 steps (full-size MNIST's 60,000 / 64), about 15 passes over the 4,000 digits: the
-         full-size regime emulated by step count (the teacher ends about a point above the baseline there).
+Regimes, on the real digits shipped with the repo (4,000 train / 1,000 test):
+  spec      teacher 1 epoch and students 1 epoch, all on the 4,000 digits (63 steps each): the spec's budget.
+  long      teacher 5 epochs, students 20 epochs, all on the 4,000 digits.
+  teacher5  teacher 5 epochs, students 1 epoch, all on the 4,000 digits: the README's two-step workflow (a reused
+            5-epoch teacher, 1-epoch students) at this size; the students see each digit once.
+  teacher5-b16  the same with students in batches of 16: 250 steps in their one pass instead of 63, nearer
+            the 938 steps of one full-size epoch (the teacher keeps batches of 64); teacher5-b8: 500 steps.
+  heldout5  teacher 5 epochs on digits 0-1,999; students 1 epoch on digits 2,000-3,999, which the teacher never
+            saw: a teacher that is wrong on the digits it distils as often as on the test set, as on a full-size
+            set, where one epoch of the student sees every image once (the reused 5-epoch teacher with
+            1-epoch students of the README's two-step workflow).
+  heldout1  the same with a 1-epoch teacher.
+  heldout5x30  the same 5-epoch teacher; students 30 epochs on digits 2,000-3,999 (960 steps, the step count of
+            one full-size epoch, 938): students that reach what they can learn, as one full-size epoch lets them.
+A regime name with the suffix "-oldlr" runs the lr schedule the script used before (the warm-up factor times a
+cosine over the whole run, instead of warmup_cosine's warm-up then cosine over the rest).
 
-Each run appends one JSON line to --log, so a sweep can be split into short jobs (a few seeds each) and the
-table printed from everything logged so far:
-
-    .venv/bin/python bench/bench_distill.py --settings spec,kd-consistent --regimes spec,full --seeds 0,1 --log sweep.jsonl
-    .venv/bin/python bench/bench_distill.py --table --log sweep.jsonl
-    .venv/bin/python bench/bench_distill.py --settings default --regimes long --seeds 0-4      # --teacher-epochs 5 --epochs 20
+    .venv/bin/python bench/bench_distill.py --regimes heldout5 --seeds 0-3 --log distill.jsonl
+    .venv/bin/python bench/bench_distill.py --table --log distill.jsonl
 """
 import argparse
 import contextlib
+import copy
 import io
 import json
+import math
 import statistics
 import sys
 import time
@@ -29,42 +37,123 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-import quest_13_2  # noqa: E402  (the script itself, so the bench measures exactly what users run)
+import quest_13_2 as quest  # noqa: E402  (the script itself)
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-# Settings: flags on top of the script's defaults, spelled out in full so a later change of a default does
-# not silently change what a row measured. Every row keeps the spec's fixed values (T 5, Adam peak lr 0.01,
-# batch 64, the two architectures, the epochs of the regime) and the baseline student always gets the same
-# batches, views and schedule as the distilled one.
-PLAIN = ["--alpha-schedule", "constant", "--match", "probs", "--distil-on", "all", "--augment", "none", "--teacher-ema", "0"]
-SETTINGS = {
-    # the pre-issue-10 default: alpha 0.5, soft targets of the final teacher for the clean images
-    "spec": [*PLAIN, "--alpha", "0.5"],
-    "alpha0.25": [*PLAIN, "--alpha", "0.25"],           # PyTorch's KD tutorial: 0.25 soft, 0.75 labels
-    "alpha0.75": [*PLAIN, "--alpha", "0.75"],
-    "alpha0.9": [*PLAIN, "--alpha", "0.9"],
-    "ramp0.5": [*PLAIN, "--alpha", "0.5", "--alpha-schedule", "ramp"],  # labels first, teacher later
-    "ema": [*PLAIN, "--alpha", "0.5", "--teacher-ema", "0.99"],         # soft targets from the EMA teacher
-    "logits": [*PLAIN, "--alpha", "0.5", "--match", "logits"],          # match centred logits (high-T limit)
-    # random views for both students (same views); teacher targets once, for the clean images
-    "aug-fixed": [*PLAIN, "--alpha", "0.5", "--augment", "students", "--teacher-targets", "fixed"],
-    # ... or for the student's own view, computed in the step (Beyer et al. 2022: consistent)
-    "aug-consistent": [*PLAIN, "--alpha", "0.5", "--augment", "students", "--teacher-targets", "consistent"],
-    "aug-consistent-a0.9": [*PLAIN, "--alpha", "0.9", "--augment", "students", "--teacher-targets", "consistent"],
-    "aug-consistent-a0.25": [*PLAIN, "--alpha", "0.25", "--augment", "students", "--teacher-targets", "consistent"],
-    "aug-all-consistent": [*PLAIN, "--alpha", "0.5", "--augment", "all", "--teacher-targets", "consistent"],
-    # combinations of the two that help on their own: the KD tutorial's alpha and a better teacher
-    "alpha0.25-ema": [*PLAIN, "--alpha", "0.25", "--teacher-ema", "0.99"],
-    "aug-all-a0.25": [*PLAIN, "--alpha", "0.25", "--augment", "all", "--teacher-targets", "consistent"],
-    # the soft term only where the teacher is right (its mistakes are learnt from the labels alone)
-    "correct": [*PLAIN, "--alpha", "0.5", "--distil-on", "correct"],
-    "correct-aug-all": [*PLAIN, "--alpha", "0.5", "--distil-on", "correct", "--augment", "all"],
-    "default": [],  # whatever the script does by default today
+QUEST_WARMUP_COSINE = quest.warmup_cosine  # the schedule the script uses (the "-oldlr" regimes swap it out)
+
+# Variants: the student's flags on top of the script's settings, spelled out so a later change of a default does
+# not change what a row measured. "kd-correct" is not a flag of the script: it is implemented below.
+VARIANTS = {
+    "kd-T5-a0.5": ["--method", "kd", "--temperature", "5", "--alpha", "0.5"],  # the spec's loss
+    "kd-T5-a0.5-correct": ["--method", "kd", "--temperature", "5", "--alpha", "0.5"],  # ... soft term only where the teacher is right
+    "kd-T5-a0.25": ["--method", "kd", "--temperature", "5", "--alpha", "0.25"],
+    "kd-T2-a0.5": ["--method", "kd", "--temperature", "2", "--alpha", "0.5"],
+    "kd-T2-a0.25": ["--method", "kd", "--temperature", "2", "--alpha", "0.25"],  # PyTorch's KD tutorial
+    "kd-T2-a0.1": ["--method", "kd", "--temperature", "2", "--alpha", "0.1"],
+    "cosine-a0.25": ["--method", "cosine", "--alpha", "0.25"],  # the tutorial's weights
+    "hint-a0.1": ["--method", "hint", "--alpha", "0.1"],
+    "hint-a0.25": ["--method", "hint", "--alpha", "0.25"],
+    "hint-a0.5": ["--method", "hint", "--alpha", "0.5"],
+    "hint-a0.75": ["--method", "hint", "--alpha", "0.75"],
+    "hint-a0.9": ["--method", "hint", "--alpha", "0.9"],
 }
+# regime -> (teacher epochs, student epochs, teacher's digits, students' digits[, students' batch size])
 REGIMES = {
-    "spec": [],
-    "full": ["--steps-per-epoch", "938"],
-    "long": ["--teacher-epochs", "5", "--epochs", "20"],
+    "spec": (1, 1, slice(None), slice(None)),
+    "long": (5, 20, slice(None), slice(None)),
+    "teacher5": (5, 1, slice(None), slice(None)),
+    "teacher5-b16": (5, 1, slice(None), slice(None), 16),
+    "teacher5-b8": (5, 1, slice(None), slice(None), 8),
+    "heldout5": (5, 1, slice(0, 2000), slice(2000, 4000)),
+    "heldout1": (1, 1, slice(0, 2000), slice(2000, 4000)),
+    "heldout5x30": (5, 30, slice(0, 2000), slice(2000, 4000)),
 }
+
+
+def old_warmup_cosine(step, total_steps, warmup_steps, final=0.1):
+    """The schedule quest_13_2 had before it used the shared warmup_cosine (final 0 = cosine, 1 = constant)."""
+    warmup = min(1.0, (step + 1) / max(warmup_steps, 1))
+    return warmup * (0.5 * (1 + math.cos(math.pi * step / total_steps)) if final == 0 else 1.0)
+
+
+def kd_correct_student(student, x, y, teacher, args):
+    """The script's earlier default (--distil-on correct): the soft term only on digits whose label is the teacher's
+    top class; elsewhere the label alone (weight 1)."""
+    teacher_logits = quest.predict(teacher, x)
+    share = args.alpha * (teacher_logits.argmax(1) == y).float()
+    T = args.temperature
+
+    def loss_of_batch(model, idx):
+        logits = model(x[idx])
+        soft = F.kl_div(F.log_softmax(logits / T, 1), F.softmax(teacher_logits[idx] / T, 1), reduction="none").sum(1)
+        hard = F.cross_entropy(logits, y[idx], reduction="none")
+        return (share[idx] * T * T * soft + (1 - share[idx]) * hard).mean()
+    return quest.fit(student, x, loss_of_batch, args.epochs, args, "student (kd-correct)")
+
+
+def run_seed(regime, seed, variants, data_dir, log):
+    name = regime.removesuffix("-oldlr")
+    teacher_epochs, epochs, teacher_part, student_part, *student_batch = REGIMES[name]
+    quest.warmup_cosine = old_warmup_cosine if regime.endswith("-oldlr") else QUEST_WARMUP_COSINE
+    common = ["--data-dir", data_dir, "--device", "cpu", "--seed", str(seed), "--teacher-epochs", str(teacher_epochs),
+              "--epochs", str(epochs)]
+    args = quest.parse_args(common)
+    device = torch.device("cpu")
+    train_x, train_y = quest.load_split(args, train=True, device=device)
+    test_x, test_y = quest.load_split(args, train=False, device=device)
+    torch.manual_seed(seed)
+    initial_student, teacher = quest.StudentModel(), quest.TeacherModel()  # the order main() uses
+    quest.train_teacher(teacher, train_x[teacher_part], train_y[teacher_part], args)
+    teacher.eval().requires_grad_(False)
+    teacher_acc = quest.accuracy(teacher, test_x, test_y)
+    x, y = train_x[student_part], train_y[student_part]
+    teacher_on_student_digits = quest.accuracy(teacher, x, y)
+    rows = []
+    for variant in ["baseline", *variants]:
+        student_args = quest.parse_args(common + ([] if variant == "baseline" else VARIANTS[variant])
+                                        + [f"--batch-size={size}" for size in student_batch])
+        torch.manual_seed(seed + 1)  # as main(): the hint regressor's initial weights
+        student = copy.deepcopy(initial_student)
+        start = time.perf_counter()
+        if variant == "kd-T5-a0.5-correct":
+            kd_correct_student(student, x, y, teacher, student_args)
+        else:
+            quest.train_student(None if variant == "baseline" else student_args.method, student, x, y, teacher, student_args)
+        rows.append({"regime": regime, "seed": seed, "variant": variant, "teacherAccuracy": teacher_acc,
+                     "teacherOnStudentDigits": teacher_on_student_digits,
+                     "studentAccuracy": quest.accuracy(student, test_x, test_y),
+                     "seconds": round(time.perf_counter() - start, 2)})
+    for row in rows:
+        row["gain"] = round(row["studentAccuracy"] - rows[0]["studentAccuracy"], 6)
+        print(json.dumps(row), file=sys.__stdout__, flush=True)
+        if log is not None:
+            with log.open("a") as file:
+                file.write(json.dumps(row) + "\n")
+    return rows
+
+
+def mean_std(values, scale=100):
+    values = [scale * v for v in values]
+    return f"{statistics.mean(values):6.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:4.2f}"
+
+
+def print_table(rows):
+    groups = {}
+    for row in rows:  # the last run of a (regime, variant, seed) wins
+        groups.setdefault((row["regime"], row["variant"]), {})[row["seed"]] = row
+    order = ["baseline", *VARIANTS]
+    print("test accuracy in % (1,000 shipped test digits), mean ± std over seeds; gain over the baseline in points")
+    print(f"{'regime':<15} {'variant':<20} {'seeds':>5} {'teacher':>13} {'student':>13} {'gain':>13} {'signs':<8} {'s':>5}")
+    for (regime, variant), by_seed in sorted(groups.items(), key=lambda item: (item[0][0], order.index(item[0][1]))):
+        runs = [by_seed[seed] for seed in sorted(by_seed)]
+        gains = [r["gain"] for r in runs]
+        signs = "".join("+" if g > 0 else ("0" if g == 0 else "-") for g in gains) if variant != "baseline" else ""
+        print(f"{regime:<15} {variant:<20} {len(runs):>5} {mean_std([r['teacherAccuracy'] for r in runs]):>13} "
+              f"{mean_std([r['studentAccuracy'] for r in runs]):>13} "
+              f"{mean_std(gains) if variant != 'baseline' else '':>13} {signs:<8} "
+              f"{statistics.mean(r['seconds'] for r in runs):>5.1f}")
 
 
 def seed_list(text):
@@ -75,70 +164,31 @@ def seed_list(text):
     return [int(part) for part in text.split(",")]
 
 
-def mean_std(values, scale=100):
-    values = [scale * v for v in values]
-    return f"{statistics.mean(values):6.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:4.2f}"
-
-
-def run(setting, regime, seed, args):
-    argv = ["--data-dir", args.data_dir, "--device", args.device, "--seed", str(seed), *SETTINGS[setting], *REGIMES[regime]]
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # tables, warnings
-        result = quest_13_2.main(argv)
-    assert result["teacherUnchanged"], "the teacher changed during distillation"
-    return {"setting": setting, "regime": regime, "seed": seed, "seconds": round(time.perf_counter() - start, 1),
-            **{key: result[key] for key in ("teacherAccuracy", "studentAccuracy", "baselineAccuracy", "distillationGain")}}
-
-
-def print_table(rows):
-    groups = {}
-    for row in rows:  # the last run of a (setting, regime, seed) wins
-        groups.setdefault((row["setting"], row["regime"]), {})[row["seed"]] = row
-    print("test accuracy in % (1,000 shipped test digits), mean ± std over seeds; gain in points, per-seed signs")
-    print(f"{'setting':<22} {'regime':<6} {'seeds':>5} {'teacher':>13} {'distilled':>13} {'baseline':>13} "
-          f"{'gain':>13} {'signs':<10} {'s/seed':>6}")
-    for (setting, regime), by_seed in sorted(groups.items(), key=lambda item: (item[0][1], list(SETTINGS).index(item[0][0])
-                                                                                if item[0][0] in SETTINGS else 99)):
-        runs = [by_seed[seed] for seed in sorted(by_seed)]
-        gains = [r["distillationGain"] for r in runs]
-        signs = "".join("+" if g > 0 else ("0" if g == 0 else "-") for g in gains)
-        print(f"{setting:<22} {regime:<6} {len(runs):>5} {mean_std([r['teacherAccuracy'] for r in runs]):>13} "
-              f"{mean_std([r['studentAccuracy'] for r in runs]):>13} {mean_std([r['baselineAccuracy'] for r in runs]):>13} "
-              f"{mean_std(gains):>13} {signs:<10} {statistics.mean(r['seconds'] for r in runs):>6.0f}")
-
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data-dir", default=str(REPO / "assets" / "mnist-5k"), help="MNIST root (holds MNIST/raw)")
-    parser.add_argument("--settings", default="spec,default", help=f"comma-separated, from: {', '.join(SETTINGS)}")
-    parser.add_argument("--regimes", default="spec,full", help=f"comma-separated, from: {', '.join(REGIMES)}")
+    parser.add_argument("--regimes", default="heldout5", help=f"comma-separated, from: {', '.join(REGIMES)} (+ '-oldlr')")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, from: {', '.join(VARIANTS)}")
     parser.add_argument("--seeds", type=seed_list, default=seed_list("0-3"), help="'0-3' or '0,2,5'")
-    parser.add_argument("--device", default="cpu", choices=["auto", "cuda", "mps", "cpu"])
-    parser.add_argument("--log", type=Path, default=None, help="append each run as a JSON line here (and read it for the table)")
+    parser.add_argument("--log", type=Path, default=None, help="append each student as a JSON line here")
     parser.add_argument("--table", action="store_true", help="only print the table of what --log holds")
     args = parser.parse_args()
-    settings, regimes = args.settings.split(","), args.regimes.split(",")
-    for name in settings + regimes:
-        if name not in SETTINGS and name not in REGIMES:
-            parser.error(f"unknown setting or regime {name}")
-
+    variants = [v for v in args.variants.split(",") if v]
+    for name in variants:
+        if name not in VARIANTS:
+            parser.error(f"unknown variant {name}")
+    for regime in args.regimes.split(","):
+        if regime.removesuffix("-oldlr") not in REGIMES:
+            parser.error(f"unknown regime {regime}")
     rows = []
     if args.log is not None and args.log.exists():
         rows = [json.loads(line) for line in args.log.read_text().splitlines() if line.strip()]
     if not args.table:
-        print(f"data: {args.data_dir}, device {args.device}", flush=True)
-        for regime in regimes:
-            for setting in settings:
-                for seed in args.seeds:
-                    row = run(setting, regime, seed, args)
-                    rows.append(row)
-                    print(json.dumps(row), flush=True)
-                    if args.log is not None:
-                        with args.log.open("a") as log:
-                            log.write(json.dumps(row) + "\n")
-        if args.log is None:  # the table of this invocation only
-            print_table(rows)
-            return
+        for regime in args.regimes.split(","):
+            for seed in args.seeds:
+                with contextlib.redirect_stdout(io.StringIO()):  # the script's epoch lines
+                    rows += run_seed(regime, seed, variants, args.data_dir, args.log)
     print_table(rows)
 
 
