@@ -13,6 +13,7 @@ Acts 2-4 come in three flows (--flow):
          batches let its weights adapt to the int8 rounding (observers frozen for the second half), then convert.
   pt2e   torchao's successor flow: torch.export, prepare_pt2e with the CPU's inductor quantizer, calibrate,
          convert_pt2e, then torch.compile (the int8 ops only become fast int8 kernels when inductor lowers them).
+  pt2e-qat  the same with prepare_qat_pt2e and the qat flow's fine-tuning in between.
 --engine auto picks the quantized backend the CPU has: fbgemm on x86 (the spec's), qnnpack on ARM.
 
 Eager-mode quantization needs a QuantStub at the input and a DeQuantStub before log_softmax: without
@@ -67,7 +68,7 @@ except KeyboardInterrupt as stop:
 
 # ---------------------------------------------------------------- settings
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
-FLOWS = ("eager", "qat", "pt2e")
+FLOWS = ("eager", "qat", "pt2e", "pt2e-qat")
 # The eager engines get_default_qconfig knows; each must also be compiled into torch for this CPU.
 ENGINES = ("fbgemm", "x86", "qnnpack")
 X86_MACHINES, ARM_MACHINES = ("x86_64", "amd64", "i386", "i686"), ("arm64", "aarch64")
@@ -110,10 +111,10 @@ def parse_args(argv=None):
     p.add_argument("--flow", default="eager", choices=FLOWS,
                    help="eager: torch.ao.quantization post-training, as the spec asks; qat: eager "
                    "quantization-aware fine-tuning; pt2e: torchao's torch.export flow with the CPU's inductor "
-                   f"quantizer (needs {TORCHAO_PIN})")
+                   f"quantizer (needs {TORCHAO_PIN}); pt2e-qat: that flow with qat's fine-tuning")
     p.add_argument("--engine", default="auto", choices=("auto", *ENGINES),
                    help="eager and qat: quantized backend; auto: fbgemm on x86 CPUs, qnnpack on ARM "
-                   "(pt2e picks its quantizer by CPU the same way)")
+                   "(pt2e and pt2e-qat pick their quantizer by CPU the same way)")
     p.add_argument("--observer", choices=OBSERVERS,
                    help="eager: minmax = per-tensor MinMax weights and activations (torch.ao default_qconfig); "
                    "histogram = the engine's default, per-channel weights, histogram activations (None: histogram)")
@@ -127,18 +128,18 @@ def parse_args(argv=None):
                    help="training batches the observers see (eager, pt2e); every flow's per-layer SQNR is "
                    "measured on them")
     p.add_argument("--qat-batches", type=number(int, 2), default=40, metavar="N",
-                   help="qat: fine-tuning steps with fake quantization; observers frozen for the second half")
+                   help="qat, pt2e-qat: fine-tuning steps with fake quantization; observers frozen for the second half")
     p.add_argument("--qat-lr", type=number(float, 0, low_open=True), default=1e-4,
-                   help="qat: Adam learning rate of the fine-tuning (a tenth of --lr: the weights only adapt)")
+                   help="qat, pt2e-qat: Adam learning rate of the fine-tuning (a tenth of --lr: the weights only adapt)")
     p.add_argument("--no-compile", action="store_true",
-                   help="pt2e flow: run the converted model as it is, without torch.compile (no compile wait, "
+                   help="pt2e flows: run the converted model as it is, without torch.compile (no compile wait, "
                    "but its quantize/dequantize ops then run in float math, slower than FP32)")
     p.add_argument("--latency-seconds", type=number(float, 0), default=0.5, metavar="S",
                    help="timing budget per model and batch size (at least 3 runs; the median is reported)")
     p.add_argument("--work-dir", metavar="DIR", help="existing folder for the temporary .pth files (a private "
                    "subfolder is made there and removed); None: the system temp folder")
     p.add_argument("--save-dir", metavar="DIR", help="also keep the INT8 model here (eager, qat: TorchScript "
-                   "mini_cnn_int8.pt; pt2e: torch.export program mini_cnn_int8_pt2e.pt2); None: keep nothing")
+                   "mini_cnn_int8.pt; pt2e flows: torch.export program mini_cnn_int8_pt2e.pt2); None: keep nothing")
     return p.parse_args(argv)
 
 
@@ -151,9 +152,9 @@ def cpu_family():
 def pick_engine(requested, flow):
     """The quantized backend (eager, qat) or inductor quantizer (pt2e), and why: (name, reason)."""
     family = cpu_family()
-    if flow == "pt2e":
+    if flow.startswith("pt2e"):
         if family not in ("x86", "arm"):
-            fail(f"--flow pt2e has an inductor quantizer for x86 and ARM CPUs, not for {platform.machine()}; "
+            fail(f"--flow {flow} has an inductor quantizer for x86 and ARM CPUs, not for {platform.machine()}; "
                  "use --flow eager")
         return f"{family}_inductor", f"torchao's {family.upper() if family == 'x86' else 'Arm'}InductorQuantizer " \
                                      f"for this {platform.machine()} CPU"
@@ -177,8 +178,8 @@ def pick_engine(requested, flow):
 
 def check_args(args):
     """Refuse bad input before any work, so a failure never leaves anything behind. Returns (engine, why)."""
-    if args.flow == "pt2e" and args.engine != "auto":
-        fail(f"--engine {args.engine} is for --flow eager or qat; --flow pt2e picks its quantizer by CPU "
+    if args.flow.startswith("pt2e") and args.engine != "auto":
+        fail(f"--engine {args.engine} is for --flow eager or qat; --flow {args.flow} picks its quantizer by CPU "
              "(leave --engine out)")
     if args.observer and args.flow != "eager":
         fail(f"--observer is for --flow eager; {args.flow} uses its own observers (leave --observer out)")
@@ -189,7 +190,7 @@ def check_args(args):
             fail(f"--work-dir {args.work_dir} is not an existing folder; create it or leave the flag out")
     if args.save_dir is not None:
         check_output_dir(args.save_dir, "--save-dir")
-    if args.flow == "pt2e":
+    if args.flow.startswith("pt2e"):
         import_pt2e()  # a missing or broken torchao is told now, not after training
     return pick_engine(args.engine, args.flow)
 
@@ -207,27 +208,31 @@ def silence_known_pt2e_notices():
 
 
 def import_pt2e():
-    """torchao's PT2E pieces: (prepare_pt2e, convert_pt2e, {"x86_inductor": quantizer, "arm_inductor": quantizer}).
+    """torchao's PT2E pieces as a namespace: prepare_pt2e, prepare_qat_pt2e, convert_pt2e, disable_observer,
+    allow_exported_model_train_eval, and quantizers: {"x86_inductor": make(is_qat), "arm_inductor": make(is_qat)}.
 
     Static (calibrated) activations in both; x86: per-channel int8 weights; Arm: per-tensor symmetric int8
     weights (the defaults torchao 0.18 gives each). torchao's XNNPACKQuantizer is only a test helper there
     (torchao.testing; the real one lives in ExecuTorch) and targets ExecuTorch's XNNPACK delegate, not inductor."""
     silence_known_pt2e_notices()
     try:
-        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+        from torchao.quantization.pt2e import allow_exported_model_train_eval, disable_observer
+        from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e
         from torchao.quantization.pt2e.quantizer import arm_inductor_quantizer as aiq
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
     except ImportError as err:
-        fail(f"--flow pt2e needs torchao, which is not importable here ({err}); "
+        fail(f"--flow {'|'.join(FLOWS[2:])} needs torchao, which is not importable here ({err}); "
              f"pip install {TORCHAO_PIN} (see requirements.txt) or use --flow eager")
     except Exception as err:  # installed but broken against this torch (e.g. a torchao built for another torch)
-        fail(f"--flow pt2e: torchao failed to import ({type(err).__name__}: {first_line(err)}); "
+        fail(f"--flow {'|'.join(FLOWS[2:])}: torchao failed to import ({type(err).__name__}: {first_line(err)}); "
              f"pip install {TORCHAO_PIN}, the release tested with torch 2.14.1, or use --flow eager")
-    quantizers = {"x86_inductor": lambda: xiq.X86InductorQuantizer().set_global(
-                      xiq.get_default_x86_inductor_quantization_config()),
-                  "arm_inductor": lambda: aiq.ArmInductorQuantizer().set_global(
-                      aiq.get_default_arm_inductor_quantization_config())}
-    return prepare_pt2e, convert_pt2e, quantizers
+    quantizers = {"x86_inductor": lambda is_qat: xiq.X86InductorQuantizer().set_global(
+                      xiq.get_default_x86_inductor_quantization_config(is_qat=is_qat)),
+                  "arm_inductor": lambda is_qat: aiq.ArmInductorQuantizer().set_global(
+                      aiq.get_default_arm_inductor_quantization_config(is_qat=is_qat))}
+    return argparse.Namespace(prepare_pt2e=prepare_pt2e, prepare_qat_pt2e=prepare_qat_pt2e, convert_pt2e=convert_pt2e,
+                              disable_observer=disable_observer, quantizers=quantizers,
+                              allow_exported_model_train_eval=allow_exported_model_train_eval)
 
 
 def first_line(err, limit=200):
@@ -333,14 +338,21 @@ def quantize_qat(trained, x, y, batches, engine, lr):
     model = cpu_copy(trained).train().fuse(qat=True)
     model.qconfig = get_default_qat_qconfig(engine)
     prepare_qat(model, inplace=True)  # Act 2: fake-quant modules: forward rounds like int8, backward passes through
+    fine_tuned = fine_tune(model, x, y, batches, lr, disable_observer)  # Act 3
+    return convert(model.eval(), inplace=True), fine_tuned  # Act 4
+
+
+def fine_tune(model, x, y, batches, lr, disable_observer):
+    """QAT's Act 3 on the CPU: train the fake-quantized model, observers on for the first half of the batches and
+    frozen (scales and zero points fixed) for the second. Returns its weights in a plain FP32 MiniCNN."""
     batches = list(batches)
     half = len(batches) // 2
     train(model, x, y, batches[:half], lr, torch.device("cpu"), "QAT fine-tuning (observers on)", "--qat-lr")
-    model.apply(disable_observer)  # scales and zero points stay fixed from here on
+    model.apply(disable_observer)
     train(model, x, y, batches[half:], lr, torch.device("cpu"), "QAT fine-tuning (observers frozen)", "--qat-lr")
-    fine_tuned = MiniCNN().eval()  # the fine-tuned weights in plain FP32: what the INT8 model approximates
+    fine_tuned = MiniCNN().eval()  # same parameter names in the eager QAT model and in the exported graph
     fine_tuned.load_state_dict({k: v for k, v in model.state_dict().items() if k in fine_tuned.state_dict()})
-    return convert(model.eval(), inplace=True), fine_tuned  # Act 4
+    return fine_tuned
 
 
 def export_fp32(model, example):
@@ -353,15 +365,28 @@ def quantize_pt2e(trained, x, batches, quantizer_name):
 
     Returns the converted GraphModule: quantize/dequantize ops around float aten ops (a reference model that
     inductor later fuses into int8 kernels), with the int8 weights folded in as constants."""
-    prepare_pt2e, convert_pt2e, quantizers = import_pt2e()
+    pt2e = import_pt2e()
     model = cpu_copy(trained).eval()  # no fuse(): the quantizer matches conv+relu patterns in the exported graph
     exported = export_fp32(model, x[:2]).module()
-    prepared = prepare_pt2e(exported, quantizers[quantizer_name]())  # Act 2: observers at every quantized edge
+    prepared = pt2e.prepare_pt2e(exported, pt2e.quantizers[quantizer_name](False))  # Act 2: observers on each edge
     with torch.no_grad():
         for idx in tqdm(batches, desc="act 3: calibrate", unit="batch", leave=False, disable=None):
             prepared(x[idx])
-    converted = convert_pt2e(prepared)  # Act 4: observers -> quantize/dequantize with the measured ranges
+    converted = pt2e.convert_pt2e(prepared)  # Act 4: observers -> quantize/dequantize with the measured ranges
     return drop_unused_attributes(converted)
+
+
+def quantize_pt2e_qat(trained, x, y, batches, quantizer_name, lr):
+    """pt2e-qat flow: torch.export, prepare_qat_pt2e (fake quantization in the graph), the qat flow's fine-tuning,
+    convert_pt2e. Returns (the converted GraphModule, the fine-tuned weights in a plain FP32 MiniCNN)."""
+    pt2e = import_pt2e()
+    exported = export_fp32(cpu_copy(trained), x[:2]).module()  # MiniCNN has no dropout/BN: one graph for both modes
+    prepared = pt2e.prepare_qat_pt2e(exported, pt2e.quantizers[quantizer_name](True))  # Act 2
+    pt2e.allow_exported_model_train_eval(prepared)  # .train()/.eval() on the exported graph, which refuses them
+    fine_tuned = fine_tune(prepared, x, y, batches, lr, pt2e.disable_observer)  # Act 3
+    prepared.eval()  # (the patched .eval() returns None)
+    converted = pt2e.convert_pt2e(prepared)  # Act 4
+    return drop_unused_attributes(converted), fine_tuned
 
 
 def drop_unused_attributes(graph_module):
@@ -483,7 +508,7 @@ def layer_sqnr(fp32, int8, x, batches, flow):
     signal_sum, noise_sum = dict.fromkeys(LAYER_OUTPUTS, 0.0), dict.fromkeys(LAYER_OUTPUTS, 0.0)
     for idx in batches:
         reference = module_layer_outputs(fp32, x[idx], LAYER_OUTPUTS)
-        quantized = (graph_layer_outputs(int8, x[idx]) if flow == "pt2e"
+        quantized = (graph_layer_outputs(int8, x[idx]) if flow.startswith("pt2e")
                      else module_layer_outputs(int8, x[idx], {layer: layer for layer in LAYER_OUTPUTS}))
         for layer, ref in reference.items():
             signal_sum[layer] += ref.double().pow(2).sum().item()
@@ -521,7 +546,7 @@ def save_int8(model, flow, save_dir, example):
     eager, qat: TorchScript (torch.jit.load; no MiniCNN class needed). pt2e: a torch.export program, any batch
     size >= 1 (import torchao.quantization.pt2e.quantize_pt2e first: it registers the quantize ops)."""
     buffer = io.BytesIO()
-    if flow == "pt2e":
+    if flow.startswith("pt2e"):
         name = "mini_cnn_int8_pt2e.pt2"
         torch.export.save(export_fp32(model, example), buffer)
     else:
@@ -561,7 +586,7 @@ def main(argv=None):
     batches = shuffled_batches(len(train_x), args.batch_size, torch.Generator().manual_seed(args.seed), device)
     print(f"data: {len(train_x)} train / {len(test_x)} test digits from {args.data_dir}; FP32 trains on {device}, "
           f"the INT8 model runs on CPU (quantized kernels are CPU kernels)")
-    if args.flow != "pt2e":
+    if not args.flow.startswith("pt2e"):
         silence_known_warnings()
         print("note: known deprecation warnings of torch.ao.quantization and TorchScript are filtered "
               "(the eager-mode API still works in torch 2.14; torchao is its successor: --flow pt2e)")
@@ -577,10 +602,11 @@ def main(argv=None):
     if args.flow == "eager":
         int8 = quantize_eager(fp32, cpu_x, calib, engine, args.observer)
         how = f"post-training, {args.observer} observers, calibrated on {args.calib_batches} batches"
-    elif args.flow == "qat":
+    elif args.flow in ("qat", "pt2e-qat"):
         qat_batches = [idx.cpu() for idx in itertools.islice(batches, args.qat_batches)]
         print(f"act 3: quantization-aware fine-tuning for {args.qat_batches} batches", flush=True)
-        int8, reference = quantize_qat(fp32, cpu_x, cpu_y, qat_batches, engine, args.qat_lr)
+        quantize = quantize_qat if args.flow == "qat" else quantize_pt2e_qat
+        int8, reference = quantize(fp32, cpu_x, cpu_y, qat_batches, engine, args.qat_lr)
         how = f"quantization-aware fine-tuning for {args.qat_batches} batches (observers frozen for the second half)"
     else:
         int8 = quantize_pt2e(fp32, cpu_x, calib, engine)
@@ -592,14 +618,14 @@ def main(argv=None):
           f"{sizes['temp_int8_model.pth']:.1f} KB (temp files deleted)")
 
     runner, compile_s = int8, None
-    if args.flow == "pt2e" and not args.no_compile:
+    if args.flow.startswith("pt2e") and not args.no_compile:
         print("torch.compile: lowering the INT8 model to int8 kernels (once per batch size; "
               "can take a minute on a small CPU)", flush=True)
         runner, compile_s = compile_for_cpu(int8, [*accuracy_batch_sizes(len(test_x)), *LATENCY_BATCH_SIZES], test_x)
         print(f"torch.compile: done in {compile_s:.1f} s (reported apart from the latencies)")
     result = measure(fp32, runner, sizes, test_x, test_y, args.latency_seconds)
     result["layers"] = layer_sqnr(reference, int8, cpu_x, calib, args.flow)
-    runs = ("uncompiled: reference quantize/dequantize ops" if args.flow == "pt2e" and args.no_compile else
+    runs = ("uncompiled: reference quantize/dequantize ops" if args.flow.startswith("pt2e") and args.no_compile else
             f"torch.compile'd (compile {compile_s:.1f} s, not in the latencies)" if compile_s is not None else
             "quantized kernels are CPU-only")
     result["notes"] = (f"INT8 ({args.flow} flow, {engine}: {how}) runs on CPU, {runs}; FP32 trained on {device} "
@@ -608,15 +634,15 @@ def main(argv=None):
     saved = save_int8(int8, args.flow, args.save_dir, test_x[:2]) if args.save_dir else None
     result.update(train_loss=round(train_loss, 4), flow=args.flow, engine=engine,
                   observer=args.observer if args.flow == "eager" else None,
-                  qat_batches=args.qat_batches if args.flow == "qat" else None,
+                  qat_batches=args.qat_batches if args.flow.endswith("qat") else None,
                   train_device=str(device), test_images=len(test_x), saved_model=saved,
-                  compiled=None if args.flow != "pt2e" else not args.no_compile,
+                  compiled=not args.no_compile if args.flow.startswith("pt2e") else None,
                   compile_seconds=None if compile_s is None else round(compile_s, 2))
 
     print_report(result)
     if saved:
         print(f"wrote the INT8 model to {saved} (" + ("import torchao.quantization.pt2e.quantize_pt2e, then "
-              "torch.export.load(path).module(); torch.compile it" if args.flow == "pt2e" else
+              "torch.export.load(path).module(); torch.compile it" if args.flow.startswith("pt2e") else
               f"TorchScript: torch.backends.quantized.engine = '{engine}'; torch.jit.load(path)") + "; run on CPU)")
     print(json.dumps(result, allow_nan=False))
 

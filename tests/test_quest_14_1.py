@@ -259,6 +259,15 @@ def test_pt2e_run_saves_a_program_that_reloads_and_scores_like_the_run(quest, mn
 
 
 @pytest.mark.slow
+def test_pt2e_qat_flow_fine_tunes_in_the_graph_then_converts(quest, mnist_root, capsys):
+    result = run_main(quest, capsys, "--data-dir", mnist_root, "--device", "cpu", "--flow", "pt2e-qat", "--no-compile",
+                      *TINY)
+    assert (result["flow"], result["engine"], result["qat_batches"]) == ("pt2e-qat", "x86_inductor", 4)
+    assert result["compression_ratio"] > 3.5 and result["acc_int8"] >= result["acc_fp32"] - 0.03
+    assert_layers(result, 20)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("quantizer, weight_dtype_count", [("x86_inductor", 3), ("arm_inductor", 3)])
 def test_pt2e_converted_graph_is_int8_and_follows_fp32(quantizer, weight_dtype_count, quest):
     """Both inductor quantizers (the Arm one runs its reference graph on any CPU), on an untrained model."""
