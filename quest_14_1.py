@@ -130,7 +130,7 @@ def parse_args(argv=None):
     p.add_argument("--qat-batches", type=number(int, 2), default=40, metavar="N",
                    help="qat, pt2e-qat: fine-tuning steps with fake quantization; observers frozen for the second half")
     p.add_argument("--qat-lr", type=number(float, 0, low_open=True), default=1e-4,
-                   help="qat, pt2e-qat: Adam learning rate of the fine-tuning (a tenth of --lr: the weights only adapt)")
+                   help="qat, pt2e-qat: Adam learning rate of the fine-tuning (a tenth of --lr: the weights adapt)")
     p.add_argument("--no-compile", action="store_true",
                    help="pt2e flows: run the converted model as it is, without torch.compile (no compile wait, "
                    "but its quantize/dequantize ops then run in float math, slower than FP32)")
@@ -514,7 +514,8 @@ def layer_sqnr(fp32, int8, x, batches, flow):
             signal_sum[layer] += ref.double().pow(2).sum().item()
             noise_sum[layer] += (ref.double() - quantized[layer].double()).pow(2).sum().item()
     tiny = 1e-30  # an exact match (or a dead layer) gives a large finite figure, not inf
-    return [{"name": layer, "sqnr_db": round(10 * math.log10(max(signal_sum[layer], tiny) / max(noise_sum[layer], tiny)), 2)}
+    return [{"name": layer,
+             "sqnr_db": round(10 * math.log10(max(signal_sum[layer], tiny) / max(noise_sum[layer], tiny)), 2)}
             for layer in LAYER_OUTPUTS]
 
 
@@ -562,10 +563,13 @@ def print_report(result):
     rows = [("state_dict size (KB)", "size_fp32_kb", "size_int8_kb", ".1f", lambda a, b: f"{a / b:.2f}x smaller"),
             ("test accuracy", "acc_fp32", "acc_int8", ".4f", lambda a, b: f"{100 * (b - a):+.2f} points")]
     rows += [(f"latency batch {n} (ms)", f"latency_ms_fp32_b{n}", f"latency_ms_int8_b{n}", ".3f",
-              lambda a, b: f"{a / b:.2f}x faster" if b else "") for n in LATENCY_BATCH_SIZES]
+              lambda a, b: f"{a / b:.2f}x faster" if a >= b else f"{b / a:.2f}x slower") for n in LATENCY_BATCH_SIZES]
     print(f"{'':24}{'FP32':>10}{'INT8':>10}  INT8 ({result['flow']}, {result['engine']}) vs FP32")
     for label, fp32, int8, fmt, compare in rows:
         print(f"{label:24}{result[fp32]:>10{fmt}}{result[int8]:>10{fmt}}  {compare(result[fp32], result[int8])}")
+    if result["acc_fp32_fine_tuned"] is not None:
+        print(f"{'':24}the fine-tuned weights in FP32: {result['acc_fp32_fine_tuned']:.4f} (INT8 "
+              f"{100 * (result['acc_int8'] - result['acc_fp32_fine_tuned']):+.2f} points against them)")
     print("per-layer SQNR, INT8 vs FP32 output on the calibration batches (higher is closer; 20 dB = 1% noise power)")
     for layer in result["layers"]:
         print(f"  {layer['name']:8}{layer['sqnr_db']:>8.1f} dB")
@@ -625,6 +629,8 @@ def main(argv=None):
         print(f"torch.compile: done in {compile_s:.1f} s (reported apart from the latencies)")
     result = measure(fp32, runner, sizes, test_x, test_y, args.latency_seconds)
     result["layers"] = layer_sqnr(reference, int8, cpu_x, calib, args.flow)
+    # QAT's steps also train: the fine-tuned weights in FP32 say how much of any gain is training, not quantization.
+    result["acc_fp32_fine_tuned"] = accuracy(reference, test_x, test_y) if reference is not fp32 else None
     runs = ("uncompiled: reference quantize/dequantize ops" if args.flow.startswith("pt2e") and args.no_compile else
             f"torch.compile'd (compile {compile_s:.1f} s, not in the latencies)" if compile_s is not None else
             "quantized kernels are CPU-only")

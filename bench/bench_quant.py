@@ -20,9 +20,11 @@ Rows (the script's defaults unless named):
                separates that from what fake quantization buys.
   pt2e         torchao PT2E + X86InductorQuantizer, torch.compile'd (latency of the compiled model)
   pt2e-qat     prepare_qat_pt2e with the qat row's fine-tuning, torch.compile'd
-  int4-ptq     where QAT pays: 4-bit weights (quant range -8..7, per channel; bench-only qconfig), PTQ histogram
-  int4-qat     the same 4-bit weights, learned with QAT (the qat row's fine-tuning)
-  int4-ft      the ft-control row at 4 bits: fine-tuned FP32, then 4-bit PTQ
+  wN-ptq       looking for where QAT pays: N-bit weights (range -2^(N-1)..2^(N-1)-1, per channel, stored in int8;
+               a bench-only qconfig), histogram activations, PTQ
+  wN-qat       the same N-bit weights learned with QAT (the qat row's fine-tuning)
+  wN-ft        the ft-control row at N bits: fine-tuned FP32, then N-bit PTQ
+SQNR is against the trained FP32 model in every row, so the fine-tuned rows include how far fine-tuning moved it.
 """
 import argparse
 import contextlib
@@ -38,7 +40,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from tools.kit import import_script  # noqa: E402
 
-ROWS = ("minmax", "histogram", "qat", "ft-control", "pt2e", "pt2e-qat", "int4-ptq", "int4-qat", "int4-ft")
+ROWS = ("minmax", "histogram", "qat", "ft-control", "pt2e", "pt2e-qat",
+        *(f"w{bits}-{kind}" for bits in (4, 3, 2) for kind in ("ptq", "qat", "ft")))
 
 
 def parse_args():
@@ -47,6 +50,7 @@ def parse_args():
     p.add_argument("--seeds", default="0-3", help="a-b or comma-separated")
     p.add_argument("--rows", default=",".join(ROWS), help=f"comma-separated, from {','.join(ROWS)}")
     p.add_argument("--latency-seconds", type=float, default=1.0, help="timing budget per model at batch 256")
+    p.add_argument("--qat-lr", type=float, help="the QAT rows' fine-tuning lr (None: the script's default)")
     p.add_argument("--log", help="append one JSON line per (row, seed) here")
     return p.parse_args()
 
@@ -58,11 +62,12 @@ def seeds_of(text):
     return [int(s) for s in text.split(",")]
 
 
-def int4_qconfigs(torch, engine):
-    """4-bit weights (-8..7, per-channel symmetric) with the engine's default activations: PTQ and QAT versions."""
+def low_bit_qconfigs(torch, engine, bits):
+    """N-bit weights (per-channel symmetric, stored in int8) with the engine's default activations: (PTQ, QAT)."""
     from torch.ao.quantization import (FakeQuantize, MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver,
                                        QConfig, get_default_qat_qconfig, get_default_qconfig)
-    weight = dict(quant_min=-8, quant_max=7, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    weight = dict(quant_min=-2 ** (bits - 1), quant_max=2 ** (bits - 1) - 1, dtype=torch.qint8,
+                  qscheme=torch.per_channel_symmetric)
     ptq = QConfig(activation=get_default_qconfig(engine).activation, weight=PerChannelMinMaxObserver.with_args(**weight))
     qat = QConfig(activation=get_default_qat_qconfig(engine).activation,
                   weight=FakeQuantize.with_args(observer=MovingAveragePerChannelMinMaxObserver, **weight))
@@ -76,6 +81,7 @@ def main():
     quest.silence_known_warnings()
     warnings.filterwarnings("ignore", message=r".*(deprecated|TypedStorage|To copy construct).*")
     defaults = quest.parse_args(["--data-dir", args.data_dir])
+    defaults.qat_lr = args.qat_lr or defaults.qat_lr
     engine = quest.pick_engine("auto", "eager")[0]
     rows = args.rows.split(",")
     images, labels = quest.load_mnist("mnist", args.data_dir, train=True)
@@ -83,7 +89,7 @@ def main():
     images, labels = quest.load_mnist("mnist", args.data_dir, train=False)
     test_x, test_y = quest.normalize(images), labels
     latency_x = test_x[torch.arange(256) % len(test_x)]
-    int4_ptq, int4_qat = int4_qconfigs(torch, engine)
+    low_bit = {bits: low_bit_qconfigs(torch, engine, bits) for bits in (2, 3, 4, 5, 6, 7)}
     cpu = torch.device("cpu")
     results = {row: [] for row in ["fp32", *rows]}
     for seed in seeds_of(args.seeds):
@@ -130,10 +136,11 @@ def main():
             "ft-control": lambda: quest.quantize_eager(fine_tuned_fp32(), x, calib, engine, "histogram"),
             "pt2e": lambda: quest.quantize_pt2e(fp32, x, calib, "x86_inductor"),
             "pt2e-qat": lambda: quest.quantize_pt2e_qat(fp32, x, y, qat_batches, "x86_inductor", defaults.qat_lr)[0],
-            "int4-ptq": lambda: ptq_with(fp32, int4_ptq),
-            "int4-qat": lambda: qat_with(int4_qat),
-            "int4-ft": lambda: ptq_with(fine_tuned_fp32(), int4_ptq),
         }
+        for bits, (ptq, qat) in low_bit.items():
+            build[f"w{bits}-ptq"] = lambda ptq=ptq: ptq_with(fp32, ptq)
+            build[f"w{bits}-qat"] = lambda qat=qat: qat_with(qat)
+            build[f"w{bits}-ft"] = lambda ptq=ptq: ptq_with(fine_tuned_fp32(), ptq)
         for row in rows:
             with contextlib.redirect_stderr(io.StringIO()):
                 int8 = build[row]()
@@ -155,8 +162,8 @@ def main():
 
     fp32_acc = {r["seed"]: r["acc"] for r in results["fp32"]}
     fp32_kb = results["fp32"][0]["size_kb"]
-    print(f"\n{args.data_dir}; seeds {args.seeds}; engine {engine}; CPU latency at batch 256, {torch.get_num_threads()} "
-          "threads, median per seed then median over seeds")
+    print(f"\n{args.data_dir}; seeds {args.seeds}; engine {engine}; qat lr {defaults.qat_lr:g}; CPU latency at batch "
+          f"256, {torch.get_num_threads()} threads, median per seed then median over seeds")
     print(f"{'row':12}{'acc mean':>9}{'- FP32, per seed (points)':>36}{'KB':>8}{'ratio':>7}{'INT8 ms':>9}{'FP32 ms':>9}"
           f"{'speedup':>8}  SQNR dB conv1/conv2/fc1 (mean)")
     print(f"{'fp32':12}{statistics.mean(fp32_acc.values()):>9.4f}{'':>36}{fp32_kb:>8.1f}{'':>7}{'':>9}"

@@ -25,7 +25,8 @@ TINY = ["--train-batches", "20", "--calib-batches", "2", "--batch-size", "32", "
 DETERMINISTIC = ("size_fp32_kb", "size_int8_kb", "compression_ratio", "acc_fp32", "acc_int8", "train_loss", "layers")
 KEYS = {"size_fp32_kb", "size_int8_kb", "compression_ratio", "notes", "acc_fp32", "acc_int8", "train_loss", "engine",
         "train_device", "test_images", "saved_model", "flow", "compiled", "compile_seconds", "layers", "observer",
-        "qat_batches", "latency_ms_fp32_b1", "latency_ms_int8_b1", "latency_ms_fp32_b256", "latency_ms_int8_b256"}
+        "qat_batches", "acc_fp32_fine_tuned", "latency_ms_fp32_b1", "latency_ms_int8_b1", "latency_ms_fp32_b256",
+        "latency_ms_int8_b256"}
 LAYERS = ["conv1", "conv2", "fc1"]
 
 
@@ -100,7 +101,8 @@ def test_run_reports_sizes_accuracies_latencies_and_layers(trained):
     assert result["acc_fp32"] > 0.6 and abs(result["acc_int8"] - result["acc_fp32"]) <= 0.03  # 256 test digits
     assert_layers(result, 20)
     assert result["test_images"] == 256 and result["engine"] == "fbgemm" and result["train_device"] == device
-    assert (result["flow"], result["observer"], result["compiled"]) == ("eager", "histogram", None)
+    assert (result["flow"], result["observer"], result["compiled"], result["acc_fp32_fine_tuned"]) == (
+        "eager", "histogram", None, None)
     assert proc.stdout.startswith("engine: fbgemm (auto: this CPU is x86_64")  # the first line says which and why
     assert "per-layer SQNR" in proc.stdout and "filtered" in proc.stdout
     assert proc.stderr == "", proc.stderr[-2000:]  # no warnings dumped; no progress bar off a terminal
@@ -209,6 +211,7 @@ def test_qat_flow_fine_tunes_then_converts(quest, mnist_root, tmp_path, capsys):
     assert (result["flow"], result["engine"], result["qat_batches"], result["observer"]) == ("qat", "fbgemm", 4, None)
     # QAT's extra steps also train: on this barely trained model INT8 may gain, but must not lose.
     assert result["compression_ratio"] > 3.5 and result["acc_int8"] >= result["acc_fp32"] - 0.03
+    assert abs(result["acc_int8"] - result["acc_fp32_fine_tuned"]) <= 0.03  # INT8 follows the weights it learned
     assert_layers(result, 20)
     quest.silence_known_warnings()
     model = torch.jit.load(result["saved_model"])
@@ -374,7 +377,7 @@ def test_defaults_equal_the_spec(quest, capsys):
     with pytest.raises(SystemExit):
         quest.parse_args(["--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "(default: auto)" in help_text and "{eager,qat,pt2e}" in help_text and "0 to 2^32-1" in help_text
+    assert "(default: auto)" in help_text and "{eager,qat,pt2e,pt2e-qat}" in help_text and "0 to 2^32-1" in help_text
 
 
 @pytest.mark.parametrize("args, words", [
