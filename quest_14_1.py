@@ -627,23 +627,24 @@ def main(argv=None):
               "can take a minute on a small CPU)", flush=True)
         runner, compile_s = compile_for_cpu(int8, [*accuracy_batch_sizes(len(test_x)), *LATENCY_BATCH_SIZES], test_x)
         print(f"torch.compile: done in {compile_s:.1f} s (reported apart from the latencies)")
-    result = measure(fp32, runner, sizes, test_x, test_y, args.latency_seconds)
-    result["layers"] = layer_sqnr(reference, int8, cpu_x, calib, args.flow)
+    figures = measure(fp32, runner, sizes, test_x, test_y, args.latency_seconds)
+    layers = layer_sqnr(reference, int8, cpu_x, calib, args.flow)
     # QAT's steps also train: the fine-tuned weights in FP32 say how much of any gain is training, not quantization.
-    result["acc_fp32_fine_tuned"] = accuracy(reference, test_x, test_y) if reference is not fp32 else None
+    acc_fine_tuned = accuracy(reference, test_x, test_y) if reference is not fp32 else None
     runs = ("uncompiled: reference quantize/dequantize ops" if args.flow.startswith("pt2e") and args.no_compile else
             f"torch.compile'd (compile {compile_s:.1f} s, not in the latencies)" if compile_s is not None else
             "quantized kernels are CPU-only")
-    result["notes"] = (f"INT8 ({args.flow} flow, {engine}: {how}) runs on CPU, {runs}; FP32 trained on {device} "
-                       f"for {args.train_batches} batches; accuracy on {len(test_x)} test digits; latencies are CPU "
-                       f"medians with {torch.get_num_threads()} threads and vary run to run")
     saved = save_int8(int8, args.flow, args.save_dir, test_x[:2]) if args.save_dir else None
-    result.update(train_loss=round(train_loss, 4), flow=args.flow, engine=engine,
-                  observer=args.observer if args.flow == "eager" else None,
-                  qat_batches=args.qat_batches if args.flow.endswith("qat") else None,
-                  train_device=str(device), test_images=len(test_x), saved_model=saved,
-                  compiled=not args.no_compile if args.flow.startswith("pt2e") else None,
-                  compile_seconds=None if compile_s is None else round(compile_s, 2))
+    result = {**figures, "layers": layers, "acc_fp32_fine_tuned": acc_fine_tuned,
+              "notes": f"INT8 ({args.flow} flow, {engine}: {how}) runs on CPU, {runs}; FP32 trained on {device} for "
+                       f"{args.train_batches} batches; accuracy on {len(test_x)} test digits; latencies are CPU "
+                       f"medians with {torch.get_num_threads()} threads and vary run to run",
+              "train_loss": round(train_loss, 4), "flow": args.flow, "engine": engine,
+              "observer": args.observer if args.flow == "eager" else None,
+              "qat_batches": args.qat_batches if args.flow.endswith("qat") else None,
+              "train_device": str(device), "test_images": len(test_x), "saved_model": saved,
+              "compiled": not args.no_compile if args.flow.startswith("pt2e") else None,
+              "compile_seconds": None if compile_s is None else round(compile_s, 2)}
 
     print_report(result)
     if saved:
