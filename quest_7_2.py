@@ -21,6 +21,7 @@ Numbers in docs/quest_7_2.md: SD v1.x's architecture with random weights at 256 
 import argparse
 import csv
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -49,9 +50,11 @@ try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
     # warning when it cannot import torchao's tensors: neither concerns this script, and both would bury a one-line
     # error.
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    import datasets
     import diffusers
     import transformers
 
+    datasets.utils.logging.set_verbosity_error()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     import safetensors.torch
@@ -78,8 +81,6 @@ except KeyboardInterrupt as stop:
 # The spec's JSON keys, in the order it lists them; each maps to the flag of the same name in kebab case.
 SPEC_KEYS = ("datasetDir", "outputDir", "modelId", "resolution", "trainBatchSize",
              "gradientAccumulationSteps", "learningRate", "numTrainEpochs")
-LORA_CONFIG = dict(r=16, lora_alpha=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                   lora_dropout=0.05, bias="none")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
 KOHYA_FILE = "lora_kohya_for_a1111_forge_comfyui.safetensors"  # the layout AUTOMATIC1111, Forge and ComfyUI read
 RESULT_FILE = "result.json"
@@ -100,7 +101,15 @@ def parse_args(argv=None):
                         help=f"the spec's settings as a JSON object, inline or in a file; keys: "
                              f"{', '.join(SPEC_KEYS)}. Flags given on the command line win over it")
     parser.add_argument("--dataset-dir", default="../Quest_1/generated_palette",
-                        help="folder of training images (.png .jpg .webp .bmp .gif .tif, subfolders included)")
+                        help="folder of training images (.png .jpg .webp .bmp .gif .tif, subfolders included); "
+                             "captions from image.txt beside image.png (kohya) or metadata.jsonl (datasets' "
+                             "imagefolder), the .txt winning where both have one")
+    parser.add_argument("--dataset-name", metavar="NAME",
+                        help="a Hugging Face datasets name (hub or local) to train on instead of --dataset-dir, "
+                             "loaded with datasets.load_dataset(NAME, split='train')")
+    parser.add_argument("--image-column", default="image", help="--dataset-name: the column holding the images")
+    parser.add_argument("--caption-column", default="text",
+                        help="the caption column of metadata.jsonl or of --dataset-name (datasets' convention)")
     parser.add_argument("--output-dir", default="artist_seal",
                         help="where the LoRA files, result.json, the loss log and checkpoints go")
     parser.add_argument("--model-id", default="CompVis/stable-diffusion-v1-4",
@@ -116,7 +125,24 @@ def parse_args(argv=None):
     parser.add_argument("--max-train-steps", type=number(int, 1),
                         help="stop after this many optimizer steps (overrides epochs)")
     parser.add_argument("--train-prompt", default="a painting in the artist's palette",
-                        help="the one caption every training image gets")
+                        help="the caption of every image without one of its own (a plain folder: all of them)")
+    parser.add_argument("--trigger-word", default="",
+                        help="put in front of every caption ('W, caption'), so that W alone calls up the LoRA")
+    parser.add_argument("--caption-dropout", type=number(float, 0, 1, high_open=True), default=0.0,
+                        help="train this share of images with the empty caption, so the LoRA also acts without "
+                             "its words; 0 keeps every caption")
+    parser.add_argument("--rank", type=number(int, 1, 1024), default=16,
+                        help="LoRA rank r: the size of each adapter (https://arxiv.org/abs/2106.09685)")
+    parser.add_argument("--lora-alpha", type=number(float, 0, low_open=True), default=32.0,
+                        help="LoRA alpha: each update is scaled by alpha / r")
+    parser.add_argument("--target-modules", type=module_names, default=["to_q", "to_k", "to_v", "to_out.0"],
+                        metavar="NAMES", help="comma-separated names of the UNet layers that get adapters "
+                                              "(default: the attention projections to_q,to_k,to_v,to_out.0)")
+    parser.add_argument("--lora-dropout", type=number(float, 0, 1, high_open=True), default=0.05,
+                        help="dropout on the adapters' input while training")
+    parser.add_argument("--init-lora", metavar="PATH",
+                        help="start from a finished LoRA instead of zero: this script's "
+                             "pytorch_lora_weights.safetensors or kohya file, or an output folder holding them")
     parser.add_argument("--noise-offset", type=number(float, 0), default=0.0,
                         help="add this times a per-image, per-channel constant to the noise (e.g. 0.05), so the "
                              "LoRA can shift overall brightness and colour; 0 is the spec's plain noise")
@@ -199,6 +225,20 @@ def read_config(text_or_path, parser):
     return defaults
 
 
+def module_names(text):
+    """argparse type for --target-modules: comma-separated layer names like to_q,to_out.0."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(re.fullmatch(r"[A-Za-z0-9_.]+", name) for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer names like to_q,to_k,to_v,to_out.0, "
+                                         f"got '{text}'")
+    return names
+
+
+def lora_shape(args):
+    """What makes two LoRAs interchangeable: checkpoints and --init-lora must match it."""
+    return {"r": args.rank, "lora_alpha": args.lora_alpha, "target_modules": args.target_modules}
+
+
 def snake_case(key):
     return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
 
@@ -210,12 +250,16 @@ def check_args(args):
              f"pass {max(8, args.resolution // 8 * 8)} or {args.resolution // 8 * 8 + 8}")
     if args.validation_every and not args.validation_prompts:
         fail("--validation-every needs --validation-prompts; pass the prompts to render")
+    if args.init_lora and args.resume:
+        fail("--init-lora and --resume both set where the LoRA starts; pass one (a checkpoint already holds its LoRA)")
     check_output_dir(args.output_dir, "--output-dir")
     if args.resume not in (None, "latest"):
-        problem = checkpoint_problem(Path(args.resume))
+        problem = checkpoint_problem(Path(args.resume)) or shape_problem(Path(args.resume), args)
         if problem:
             fail(f"--resume {args.resume} {problem}; pass a {CHECKPOINT_PREFIX}N folder written by "
                  "--checkpointing-steps, or 'latest'")
+    if args.init_lora is not None:
+        init_lora_file(args.init_lora)  # a missing file ends here; its tensors are checked against the UNet later
 
 
 # ---------------------------------------------------------------- models
@@ -252,24 +296,33 @@ def check_resolution_fits(resolution, vae, model_id):
 
 
 @torch.no_grad()
-def embed_prompt(tokenizer, text_encoder, prompt, device):
-    """The training prompt's text embedding, computed once: the caption never changes."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder.to(device)(ids.to(device))[0]
+def embed_captions(tokenizer, text_encoder, captions, device, batch_size=32):
+    """The text embedding of every distinct caption, computed once (captions never change): [captions, 77, dim]."""
+    text_encoder.to(device)
+    embeddings = []
+    for start in range(0, len(captions), batch_size):
+        ids = tokenizer(captions[start:start + batch_size], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        embeddings.append(text_encoder(ids.to(device))[0])
+    return torch.cat(embeddings)
 
 
 def weight_dtype(accelerator):
     return MIXED_PRECISION_DTYPES.get(accelerator.mixed_precision, torch.float32)
 
 
-def add_lora(unet, accelerator, gradient_checkpointing):
-    """Frozen UNet in the training dtype, LoRA adapters on its attention projections, trainable in fp32."""
+def add_lora(unet, args, accelerator):
+    """Frozen UNet in the training dtype, LoRA adapters on the --target-modules layers, trainable in fp32."""
     unet.to(accelerator.device, dtype=weight_dtype(accelerator))
-    unet.add_adapter(LoraConfig(**LORA_CONFIG))  # diffusers' way; keys stay loadable by load_lora_weights
+    try:  # diffusers' way; keys stay loadable by load_lora_weights
+        unet.add_adapter(LoraConfig(**lora_shape(args), lora_dropout=args.lora_dropout, bias="none"))
+    except ValueError as err:  # peft: a name that matches no layer, or a layer type it cannot adapt
+        fail(f"--target-modules {','.join(args.target_modules)} does not fit this UNet "
+             f"({str(err).strip().splitlines()[0][:200]}); pass names of its Linear or Conv2d layers, "
+             "e.g. to_q,to_k,to_v,to_out.0")
     # fp16 trainable weights would make the grad scaler fail ("Attempting to unscale FP16 gradients").
     cast_training_params(unet, dtype=torch.float32)
-    if gradient_checkpointing:
+    if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     return [p for p in unet.parameters() if p.requires_grad]
 
@@ -290,25 +343,72 @@ def kohya_lora_tensors(unet):
         name = "lora_unet_" + module.replace(".", "_")
         tensors[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = (
             tensor.detach().float().cpu().contiguous())
-        tensors[f"{name}.alpha"] = torch.tensor(float(LORA_CONFIG["lora_alpha"]))
+        tensors[f"{name}.alpha"] = torch.tensor(float(unet.peft_config["default"].lora_alpha))
     return tensors
 
 
-def save_lora(unet, directory, kohya=False):
+def peft_key_of_kohya(unet):
+    """{kohya tensor name: the UNet adapter's PEFT state-dict key}, the inverse of kohya_lora_tensors' naming
+    (built from the UNet, since underscores in kohya names are ambiguous)."""
+    names = {}
+    for key in get_peft_model_state_dict(unet):
+        module, kind = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key).groups()
+        names[f"lora_unet_{module.replace('.', '_')}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = key
+    return names
+
+
+def save_lora(unet, directory, kohya_keys=None):
     """pytorch_lora_weights.safetensors with its adapter config (so it reloads at its trained strength), and with
-    kohya=True the same LoRA for AUTOMATIC1111/Forge/ComfyUI; each written atomically."""
-    adapter = unet.peft_config["default"].to_dict()  # without lora_alpha diffusers assumes alpha = r: half strength
+    kohya_keys (kohya_metadata's ss_* keys) the same LoRA for AUTOMATIC1111/Forge/ComfyUI; each written atomically."""
+    config = unet.peft_config["default"]
+    adapter = config.to_dict()  # without lora_alpha diffusers assumes alpha = r: half strength
     # Dropout only acts in training; loaded layers come up in train mode, so keeping it would make inference random.
+    # The trained value is kept beside it, under its own key.
     adapter["lora_dropout"] = 0.0
     adapter = {f"unet.{key}": sorted(value) if isinstance(value, set) else value for key, value in adapter.items()}
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True)}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True),
+                "training_lora_dropout": str(config.lora_dropout)}
     write_atomically(Path(directory) / LORA_FILE, safetensors.torch.save(diffusers_lora_tensors(unet), metadata))
-    if kohya:
-        kohya_metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_CONFIG["r"]),
-                          "ss_network_alpha": str(float(LORA_CONFIG["lora_alpha"])), "ss_base_model_version": "sd_v1",
-                          "ss_training_comment": "quest_7_2.py: UNet attention LoRA (to_q, to_k, to_v, to_out.0)"}
-        write_atomically(Path(directory) / KOHYA_FILE,
-                         safetensors.torch.save(kohya_lora_tensors(unet), {"format": "pt", **kohya_metadata}))
+    if kohya_keys is not None:
+        tensors = kohya_lora_tensors(unet)
+        model_hash, legacy_hash = addnet_hashes(tensors, kohya_keys)
+        write_atomically(Path(directory) / KOHYA_FILE, safetensors.torch.save(tensors, {
+            "format": "pt", **kohya_keys, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}))
+
+
+def kohya_metadata(args, unet, captions_per_image, dataset_label):
+    """The ss_* keys kohya's sd-scripts writes (train_network.py) that AUTOMATIC1111's Lora extension shows: its name
+    (ss_output_name, the output folder's), its tags with their counts over the training images (ss_tag_frequency:
+    each caption split at commas, stripped and lower-cased, kohya's rule), resolution, image count, base model,
+    network shape. Values are strings, as kohya writes them."""
+    tags = {}
+    for caption in captions_per_image:
+        for tag in caption.split(","):
+            if tag.strip():
+                tags[tag.strip().lower()] = tags.get(tag.strip().lower(), 0) + 1
+    model = args.model_id
+    config = unet.peft_config["default"]
+    return {"ss_output_name": Path(args.output_dir).resolve().name,
+            "ss_tag_frequency": json.dumps({dataset_label: tags}),
+            "ss_resolution": str((args.resolution, args.resolution)),
+            "ss_num_train_images": str(len(captions_per_image)),
+            "ss_sd_model_name": Path(model).name if Path(model).exists() else model,
+            "ss_base_model_version": "sd_v1", "ss_v2": "False",
+            "ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+            "ss_network_alpha": str(float(config.lora_alpha)), "ss_network_dropout": str(config.lora_dropout),
+            "ss_network_args": json.dumps({"target_modules": sorted(config.target_modules)}),
+            "ss_caption_dropout_rate": str(args.caption_dropout),
+            "ss_training_comment": "quest_7_2.py: a LoRA on the UNet of a Stable Diffusion v1.x model"}
+
+
+def addnet_hashes(tensors, metadata):
+    """(sshs_model_hash, sshs_legacy_hash) as kohya's train_util.precalculate_safetensors_hashes computes them: the
+    file saved with only its ss_* metadata; the model hash is the SHA-256 of everything after the safetensors header
+    (A1111's hashes.addnet_hash_safetensors, which it reads from sshs_model_hash instead of hashing the file), the
+    legacy hash the first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB."""
+    data = safetensors.torch.save(tensors, {key: value for key, value in metadata.items() if key.startswith("ss_")})
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[header_end:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
 
 
 def load_lora(unet, directory):
@@ -316,6 +416,50 @@ def load_lora(unet, directory):
     state_dict, _ = StableDiffusionPipeline.lora_state_dict(directory)
     unet_state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
     set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state_dict), adapter_name="default")
+
+
+def init_lora_file(path):
+    """--init-lora: the file itself, or the diffusers file (else the kohya file) of an output folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / name for name in (LORA_FILE, KOHYA_FILE) if (path / name).is_file()), path / LORA_FILE)
+    if not path.is_file():
+        fail(f"--init-lora {path} is not a file; pass a {LORA_FILE} or {KOHYA_FILE}, or the folder holding one")
+    return path
+
+
+def init_lora(unet, path, args):
+    """Start the adapter from a finished LoRA (this script's diffusers or kohya file) instead of zero. It must have
+    this run's shape (--rank, --lora-alpha, --target-modules) and finite weights; otherwise one line says which."""
+    try:
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata() or {}
+        tensors = safetensors.torch.load_file(path)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file raises several types
+        fail(f"--init-lora {path} does not load as safetensors ({str(err).strip()[:200]}); pass a LoRA file this "
+             "script wrote")
+    expected = get_peft_model_state_dict(unet)
+    if any(key.startswith("lora_unet_") for key in tensors):  # kohya: per-module alpha tensors
+        alphas = {float(t) for key, t in tensors.items() if key.endswith(".alpha")}
+        kohya_names = peft_key_of_kohya(unet)
+        found = {kohya_names.get(key, key): t for key, t in tensors.items() if not key.endswith(".alpha")}
+    else:  # diffusers: unet.<module>.lora.down/up.weight, alpha in the adapter metadata
+        adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        alphas = {float(adapter["unet.lora_alpha"])} if "unet.lora_alpha" in adapter else set()
+        found = {re.sub(r"\.lora\.(down|up)\.weight$", lambda m: f".lora_{'A' if m[1] == 'down' else 'B'}.weight",
+                        key.removeprefix("unet.")): t for key, t in tensors.items()}
+    if set(found) != set(expected):
+        fail(f"--init-lora {path} adapts other layers than this run ({len(set(found) ^ set(expected))} tensors "
+             f"differ); pass the --target-modules and --model-id it was trained with")
+    wrong_rank = next((t.shape[0 if key.endswith("lora_A.weight") else 1] for key, t in found.items()
+                       if t.shape != expected[key].shape), None)
+    if wrong_rank is not None:
+        fail(f"--init-lora {path} has rank {wrong_rank}; pass --rank {wrong_rank}")
+    if alphas and alphas != {float(args.lora_alpha)}:
+        fail(f"--init-lora {path} was trained with lora_alpha {min(alphas):g}; pass --lora-alpha {min(alphas):g}")
+    if not all_finite(found.values()):
+        fail(f"--init-lora {path} holds NaN or infinite weights; pass a LoRA from a run that did not diverge")
+    set_peft_model_state_dict(unet, found, adapter_name="default")
 
 
 def checkpoint_only_lora(accelerator):
@@ -333,16 +477,134 @@ def checkpoint_only_lora(accelerator):
 
 
 # ---------------------------------------------------------------- data
+def visible_files(folder, keep):
+    """The files under folder (subfolders included, hidden ones skipped) for which keep(path) holds, sorted."""
+    return sorted(path for path in folder.rglob("*") if keep(path) and path.is_file()
+                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
 def find_images(dataset_dir):
     """The image files of datasetDir (sorted, subfolders included, hidden files skipped), or one clear line."""
     folder = Path(dataset_dir)
     if not folder.is_dir():
         fail(f"datasetDir '{dataset_dir}' is not a folder; pass --dataset-dir with your palette images")
-    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    files = visible_files(folder, lambda path: path.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         fail(f"no images found in datasetDir '{dataset_dir}'; put .png or .jpg files there")
     return files
+
+
+def read_utf8(path, what):
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        fail(f"{what} {path} is not UTF-8 (byte 0x{err.object[err.start]:02x} at position {err.start}); save it as "
+             "UTF-8 text")
+    except OSError as err:
+        fail(f"could not read {what} {path} ({err.strerror or err}); check the file")
+
+
+def txt_caption(path):
+    """kohya's convention: image.txt beside image.png holds the image's caption, on its first line."""
+    lines = [line.strip() for line in read_utf8(path, "caption file").splitlines() if line.strip()]
+    if not lines:
+        fail(f"caption file {path} is empty; write the image's caption in it, or delete it (the image then gets "
+             "--train-prompt)")
+    return lines[0]
+
+
+def caption_value(value, caption_column, where):
+    """A caption cell as datasets holds it: a string, or a list of strings (the first is taken, as diffusers'
+    train_text_to_image_lora.py does outside training)."""
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        value = value[0]
+    if not isinstance(value, str):
+        fail(f"{where} has a '{caption_column}' that is not a string ({json.dumps(value)[:60]}); write the caption "
+             "as a JSON string")
+    return value.strip()
+
+
+def metadata_captions(folder, images, caption_column):
+    """datasets' imagefolder convention: a metadata.jsonl (in the folder or a subfolder) holds one JSON object per
+    line, {"file_name": <image path relative to that metadata.jsonl>, "<caption column>": caption}. Every line is
+    checked; a bad one ends the run naming the file and the line. Returns {image path: caption}."""
+    known, captions = set(images), {}
+    example = f'{{"file_name": "a.png", "{caption_column}": "a caption"}}'
+    for metadata in visible_files(folder, lambda path: path.name == "metadata.jsonl"):
+        for number, line in enumerate(read_utf8(metadata, "metadata file").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{metadata} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                fail(f"{where} is not JSON ({err.msg}); write one object per line, like {example}")
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                fail(f"{where} has no \"file_name\" string; write one object per line, like {example}")
+            image = Path(os.path.normpath(metadata.parent / row["file_name"]))
+            if image not in known:
+                what = "is not an image file" if image.is_file() else "does not exist"
+                fail(f"{where} names {row['file_name']}, which {what} in {metadata.parent}; fix the file_name or "
+                     "remove the line")
+            if caption_column not in row:
+                fail(f"{where} has no '{caption_column}' column (it has {', '.join(map(str, row)) or 'none'}); "
+                     "pass --caption-column with the one that holds the captions")
+            if image in captions:
+                fail(f"{where} names {row['file_name']} a second time; keep one line per image")
+            captions[image] = caption_value(row[caption_column], caption_column, where)
+    return captions
+
+
+def read_folder(args):
+    """(image paths, each one's caption, where the captions came from) for --dataset-dir. A caption comes from
+    image.txt if there is one, else from a metadata.jsonl line, else it is --train-prompt."""
+    files = find_images(args.dataset_dir)
+    from_metadata = metadata_captions(Path(args.dataset_dir), files, args.caption_column)
+    captions, sources = [], {"txt": 0, "metadata.jsonl": 0, "--train-prompt": 0}
+    for path in files:
+        if path.with_suffix(".txt").is_file():
+            captions.append(txt_caption(path.with_suffix(".txt")))
+            sources["txt"] += 1
+        elif path in from_metadata:
+            captions.append(from_metadata[path])
+            sources["metadata.jsonl"] += 1
+        else:
+            captions.append(args.train_prompt)
+            sources["--train-prompt"] += 1
+    return files, captions, sources
+
+
+def read_hub_dataset(args):
+    """(each image as (name, file-like or path), each one's caption, where the captions came from) for
+    --dataset-name, loaded as diffusers' train_text_to_image_lora.py loads it; offline or unknown: one line."""
+    name = args.dataset_name
+    try:
+        dataset = datasets.load_dataset(name, split="train")
+    except Exception as err:  # noqa: BLE001 - offline, unknown name, no train split, a broken file: all one line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        offline = isinstance(err, ConnectionError) or "offline" in reason.lower()
+        fail(f"--dataset-name {name} could not be loaded ({reason}); "
+             + ("connect to the internet (or unset HF_HUB_OFFLINE), or pass --dataset-dir with a local folder"
+                if offline else "check the name, or pass --dataset-dir with a local folder"))
+    for flag, column in (("--image-column", args.image_column), ("--caption-column", args.caption_column)):
+        if column not in dataset.column_names:
+            fail(f"--dataset-name {name} has no column '{column}' (it has {', '.join(dataset.column_names)}); "
+                 f"pass {flag} with the right one")
+    if len(dataset) == 0:
+        fail(f"--dataset-name {name} has no rows in its train split; pass another dataset")
+    dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))  # decoded and checked below
+    sources, images, captions = {"--caption-column": 0, "--train-prompt": 0}, [], []
+    for index, row in enumerate(dataset):
+        cell = row[args.image_column]
+        images.append((f"{name} row {index}", io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]))
+        caption = row[args.caption_column]
+        if caption is None:
+            captions.append(args.train_prompt)
+            sources["--train-prompt"] += 1
+        else:
+            captions.append(caption_value(caption, args.caption_column, f"--dataset-name {name} row {index}"))
+            sources["--caption-column"] += 1
+    return images, captions, sources
 
 
 
@@ -361,26 +623,41 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def decode_image(path, resolution):
-    """One image fully decoded, upright, RGB, resized and center-cropped; a bad file ends the run naming it."""
+def decode_image(source, resolution, name=None):
+    """One image (a path, or a file object called `name`) fully decoded, upright, RGB, resized and center-cropped;
+    a bad file ends the run naming it."""
+    name = source if name is None else name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()
                 rgb = to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        fail(f"image {path} is too large to decode safely ({str(err).rstrip('.')}); shrink it or remove it "
-             "from the dataset folder")
+        fail(f"image {name} is too large to decode safely ({str(err).rstrip('.')}); shrink it or remove it "
+             "from the dataset")
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files; every one means "corrupt"
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        fail(f"image {path} is corrupt or not an image ({reason}); replace it or remove it from the dataset folder")
+        fail(f"image {name} is corrupt or not an image ({reason}); replace it or remove it from the dataset")
     return transforms.CenterCrop(resolution)(transforms.Resize(resolution)(rgb))
 
 
 def load_palette(files, resolution):
-    """Every image decoded up front, before any model loads: a bad file costs seconds, not a model load."""
-    return [decode_image(path, resolution) for path in tqdm(files, desc="reading images", leave=False, disable=None)]
+    """Every image decoded up front, before any model loads: a bad file costs seconds, not a model load. files: paths,
+    or (name, file object or path) pairs."""
+    named = [(None, file) if isinstance(file, Path) else file for file in files]
+    return [decode_image(source, resolution, name)
+            for name, source in tqdm(named, desc="reading images", leave=False, disable=None)]
+
+
+def caption_table(captions, args):
+    """(the distinct final captions, each image's index into them, each image's final caption): the trigger word goes
+    in front of every caption; with --caption-dropout the empty caption is appended as the last entry."""
+    final = [f"{args.trigger_word}, {caption}" if args.trigger_word and caption else args.trigger_word or caption
+             for caption in captions]
+    distinct = list(dict.fromkeys(final))
+    index = {caption: i for i, caption in enumerate(distinct)}
+    return distinct + ([""] if args.caption_dropout else []), [index[caption] for caption in final], final
 
 
 class Pixels(Dataset):
@@ -542,6 +819,9 @@ def train(args, accelerator, unet, optimizer, dataloader, lora_parameters, noise
                     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),),
                                               device=latents.device)
                     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    if args.caption_dropout:  # drawn only when asked for, like the noise offset; "" is the last entry
+                        dropped = torch.rand(len(caption_ids), device=caption_ids.device) < args.caption_dropout
+                        caption_ids = torch.where(dropped, len(text_embeddings) - 1, caption_ids)
                     prediction = unet(noisy_latents, timesteps, text_embeddings[caption_ids]).sample
                     loss = training_loss(prediction, noise, timesteps, noise_scheduler, args.snr_gamma)
                     accelerator.backward(loss)
@@ -649,12 +929,16 @@ def checkpoint_problem(path):
         return (f"is not a complete checkpoint (no {CHECKPOINT_MARKER}: an interrupted write, or a checkpoint from an "
                 "older version of this script)")
     damage = checkpoint_damage(path)
-    if damage:
-        return f"is damaged: {damage}"
+    return f"is damaged: {damage}" if damage else None
+
+
+def shape_problem(path, args):
+    """Why the intact checkpoint `path` holds a LoRA of another shape than this run's flags ask for, or None."""
     lora = json.loads((path / CHECKPOINT_MARKER).read_text(encoding="utf-8"))["lora"]
-    for key in ("r", "lora_alpha", "target_modules"):
-        if lora[key] != LORA_CONFIG[key]:
-            return f"holds a LoRA with {key} {lora[key]}, this script trains {key} {LORA_CONFIG[key]}"
+    for (key, wanted), flag in zip(lora_shape(args).items(), ("--rank", "--lora-alpha", "--target-modules")):
+        if lora[key] != wanted:
+            saved = ",".join(lora[key]) if isinstance(lora[key], list) else f"{lora[key]:g}"
+            return f"holds a LoRA with {key} {saved}, this run asks for another; pass {flag} {saved}"
     return None
 
 
@@ -690,6 +974,9 @@ def resume_checkpoint(args):
         instead = (f"pass --resume {intact} to continue from the newest intact one" if intact is not None
                    else "no intact checkpoint is left: run without --resume to start again")
         fail(f"--resume latest: the newest checkpoint {folder} {problem}; {instead} (or delete {folder.name})")
+    problem = intact and shape_problem(intact, args)
+    if problem:
+        fail(f"--resume latest: {intact} {problem}")
     return intact
 
 
@@ -738,8 +1025,8 @@ def save_checkpoint(args, accelerator, step, loss_rows):
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             write_loss_log(tmp, loss_rows)
-            marker = {"step": step, "lora": {key: LORA_CONFIG[key] for key in ("r", "lora_alpha", "target_modules")},
-                      "learningRate": args.learning_rate, "numProcesses": accelerator.num_processes,
+            marker = {"step": step, "lora": lora_shape(args), "learningRate": args.learning_rate,
+                      "numProcesses": accelerator.num_processes,
                       "modelId": args.model_id}
             write_atomically(tmp / CHECKPOINT_MARKER, json.dumps(marker, indent=2).encode())
             if final.exists():  # e.g. a run started again in the same output folder
@@ -935,10 +1222,12 @@ def main(argv=None):
     output_dir = Path(args.output_dir)
     checkpoint = resume_checkpoint(args)  # a damaged --resume latest is found before the model loads
 
-    # Act 1: the images, every one decoded before the model loads (a bad file costs seconds, not a model load).
-    files = find_images(args.dataset_dir)
+    # Act 1: the images and their captions, every image decoded before the model loads (a bad file costs seconds).
+    files, captions, sources = read_hub_dataset(args) if args.dataset_name else read_folder(args)
     images = load_palette(files, args.resolution)
-    captions, caption_ids = [args.train_prompt], [0] * len(images)
+    distinct_captions, caption_ids, final_captions = caption_table(captions, args)
+    print(f"{len(images)} images, {len(set(final_captions))} distinct captions ("
+          + ", ".join(f"{count} from {source}" for source, count in sources.items() if count) + ")")
     accelerator = make_accelerator(args, device)
     # Per-process seeds (seed + rank) give each GPU its own noise; rank 0 is the plain seed, so 1 device = --seed.
     set_seed((args.seed + accelerator.process_index) % 2**32)
@@ -946,9 +1235,7 @@ def main(argv=None):
     # Act 2: the frozen model; what is fixed (text embeddings, VAE latents) is computed once and freed.
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args.model_id)
     check_resolution_fits(args.resolution, vae, args.model_id)
-    # Every input is checked by now; from here on nothing fails on user input.
-    text_embeddings = torch.cat([embed_prompt(tokenizer, text_encoder, caption, accelerator.device)
-                                 for caption in captions])
+    text_embeddings = embed_captions(tokenizer, text_encoder, distinct_captions, accelerator.device)
     vae.to(accelerator.device)  # fp32: it only encodes, and an fp16 VAE can overflow into NaN
     latent_scale = vae.config.scaling_factor
     dataloader = make_dataloader(images, caption_ids, vae, args, accelerator.device)
@@ -959,8 +1246,11 @@ def main(argv=None):
         vae = None  # cached: a step runs the UNet alone
     accelerator.free_memory()
 
-    # Act 3: LoRA adapters on the frozen UNet, trained (or resumed) with checkpoints along the way.
-    lora_parameters = add_lora(unet, accelerator, args.gradient_checkpointing)
+    # Act 3: LoRA adapters on the frozen UNet (from zero, --init-lora or a checkpoint), trained with checkpoints.
+    lora_parameters = add_lora(unet, args, accelerator)
+    if args.init_lora:
+        init_lora(unet, init_lora_file(args.init_lora), args)
+    # Every input is checked by now; from here on nothing fails on user input.
     optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     checkpoint_only_lora(accelerator)
@@ -979,14 +1269,17 @@ def main(argv=None):
     # Act 4: the LoRA in both layouts, the loss log and the result, then the validation images from the saved file.
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_lora(accelerator.unwrap_model(unet), output_dir, kohya=True)
+        model = accelerator.unwrap_model(unet)
+        dataset = Path(args.dataset_name or args.dataset_dir)  # kohya keys the tag counts by the folder's name
+        dataset_label = dataset.resolve().name if dataset.exists() else args.dataset_name
+        save_lora(model, output_dir, kohya_metadata(args, model, final_captions, dataset_label))
         write_loss_log(output_dir, stats["lossRows"])
         result = {"success": True, "outputDir": str(output_dir.resolve()), "epochsCompleted": stats["epochsCompleted"],
                   "finalLoss": None if stats["finalLoss"] is None else round(stats["finalLoss"], 6),
                   "steps": stats["steps"]}
         # Before validation: a failure while rendering keeps the run's record.
         write_atomically(output_dir / RESULT_FILE, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
-        del unet, optimizer, validation_pipeline
+        del unet, model, optimizer, validation_pipeline
         text_encoder = vae = None
         accelerator.free_memory()
         try:

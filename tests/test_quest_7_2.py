@@ -4,6 +4,7 @@ No hub here: build_tiny_pipeline writes a random SD v1.x-shaped pipeline with sa
 local model folder would look. The builders live in tools/kit.py (bench/bench_lora.py uses them too).
 """
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -22,7 +23,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script
-from tools.kit import build_tiny_pipeline, interrupt_script, stop_while_starting, write_palette
+from tools.kit import (build_tiny_pipeline, interrupt_script, stop_while_starting, write_captioned_images,
+                       write_palette)
 
 SCRIPT = "quest_7_2.py"
 PROMPT = "a red seal"
@@ -163,29 +165,108 @@ def denoising_loss(quest, model_dir, lora_dir, pairs, resolution=32):
     return sum(losses) / len(losses)
 
 
+CAPTIONS = {"red": ((200, 30, 40), "a red seal, square"), "blue": ((20, 60, 220), "a blue wave")}
+TRIGGER = "zq"
+SMALL_LORA = ["--rank", 4, "--lora-alpha", 8, "--trigger-word", TRIGGER]
+
+
 @pytest.fixture(scope="module")
 def two_images(tmp_path_factory):
-    """Two 40x40 images, a noisy red and a noisy blue."""
-    folder = tmp_path_factory.mktemp("two") / "images"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for name, colour in (("red", (200, 30, 40)), ("blue", (20, 60, 220))):
-        pixels = np.clip(np.array(colour)[None, None] + rng.integers(-30, 30, (40, 40, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(pixels).save(folder / f"{name}.png")
-    return folder
+    """A noisy red and a noisy blue image, each with its own caption in a .txt beside it (kohya's layout)."""
+    return write_captioned_images(tmp_path_factory.mktemp("two") / "images", CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_model, two_images, env, tmp_path_factory):
+    """20 steps at lr 3e-2 on the two captioned images, rank 4, alpha 8, with a trigger word: (out_dir, process)."""
+    out_dir = tmp_path_factory.mktemp("learned") / "red_and_blue"
+    proc = train(tiny_model, two_images, out_dir, "--max-train-steps", 20, "--learning-rate", 3e-2, *SMALL_LORA,
+                 env=env)
+    result_json(proc)
+    return out_dir, proc
 
 
 @pytest.mark.slow
-def test_the_lora_learns_its_images_it_lowers_their_denoising_loss(tiny_model, two_images, quest, env, tmp_path,
-                                                                   one_thread):
-    """20 steps at lr 3e-2 on two images: on fixed noise and timesteps the LoRA denoises them better than the base
-    model (measured: 0.947x the base loss; 0.97x is the bar)."""
-    out_dir = tmp_path / "seal"
-    result_json(train(tiny_model, two_images, out_dir, "--max-train-steps", 20, "--learning-rate", 3e-2,
-                      "--device", "cpu", env=env))
-    pairs = [(two_images / "red.png", PROMPT), (two_images / "blue.png", PROMPT)]
+def test_the_lora_learns_its_captioned_images_it_lowers_their_denoising_loss(learned, tiny_model, two_images, quest,
+                                                                             one_thread):
+    """On fixed noise and timesteps, the LoRA denoises its (image, caption) pairs better than the base model
+    (measured: 0.947x the base loss at rank 16; 0.97x is the bar)."""
+    out_dir, proc = learned
+    assert "2 images, 2 distinct captions (2 from txt)" in proc.stdout
+    pairs = [(two_images / f"{name}.png", f"{TRIGGER}, {caption}") for name, (_, caption) in CAPTIONS.items()]
     base, tuned = denoising_loss(quest, tiny_model, None, pairs), denoising_loss(quest, tiny_model, out_dir, pairs)
     assert tuned < 0.97 * base, (base, tuned)
+
+
+@pytest.mark.slow
+def test_rank_alpha_and_a1111_metadata_are_in_both_files(learned, tiny_model, one_thread):
+    out_dir, _ = learned
+    diffusers_file, kohya = lora_weights(out_dir), load_file(out_dir / KOHYA_FILE)
+    assert {t.shape[0] for k, t in diffusers_file.items() if ".lora.down." in k} == {4}
+    assert {t.shape[1] for k, t in kohya.items() if ".lora_up." in k} == {4}
+    assert {t.item() for k, t in kohya.items() if k.endswith(".alpha")} == {8.0}
+    with safe_open(out_dir / "pytorch_lora_weights.safetensors", "pt") as file:
+        adapter = json.loads(file.metadata()["lora_adapter_metadata"])
+        assert (adapter["unet.r"], adapter["unet.lora_alpha"]) == (4, 8.0)
+        assert file.metadata()["training_lora_dropout"] == "0.05"
+    with safe_open(out_dir / KOHYA_FILE, "pt") as file:
+        metadata = file.metadata()
+    assert metadata["ss_output_name"] == "red_and_blue" and metadata["ss_num_train_images"] == "2"
+    assert json.loads(metadata["ss_tag_frequency"]) == {"images": {TRIGGER: 2, "a red seal": 1, "square": 1,
+                                                                   "a blue wave": 1}}
+    assert (metadata["ss_network_dim"], metadata["ss_network_alpha"], metadata["ss_resolution"]) == \
+        ("4", "8.0", "(32, 32)")
+    assert metadata["ss_sd_model_name"] == "model" and metadata["ss_base_model_version"] == "sd_v1"
+    assert metadata["ss_network_module"] == "networks.lora" and metadata["ss_network_dropout"] == "0.05"
+    # A1111 takes sshs_model_hash instead of hashing the file (hashes.addnet_hash_safetensors: the SHA-256 of all
+    # bytes after the safetensors header); the file hashed that way gives the same value.
+    data = (out_dir / KOHYA_FILE).read_bytes()
+    assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
+    # Both files give the same images, at the trained strength alpha / r = 2.
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline.set_progress_bar_config(disable=True)
+    images = {}
+    for name in ("pytorch_lora_weights.safetensors", KOHYA_FILE):
+        pipeline.load_lora_weights(out_dir, weight_name=name, adapter_name=name.split(".")[0])
+        pipeline.set_adapters(name.split(".")[0])
+        images[name] = pipeline(f"{TRIGGER}, a red seal", height=32, width=32, num_inference_steps=2,
+                                output_type="np", generator=torch.Generator().manual_seed(0)).images
+    np.testing.assert_allclose(images[KOHYA_FILE], images["pytorch_lora_weights.safetensors"], atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weight_name", ["pytorch_lora_weights.safetensors", KOHYA_FILE])
+def test_init_lora_continues_a_finished_lora(learned, tiny_model, two_images, env, tmp_path, weight_name):
+    """--init-lora with a learning rate too small to move anything: the saved LoRA is the finished one, and the first
+    step's loss (same seed: same batch, noise and timesteps as the finished run's first step) is the finished LoRA's,
+    below the base model's."""
+    out_dir, _ = learned
+    proc = train(tiny_model, two_images, tmp_path / "more", "--max-train-steps", 1, "--learning-rate", 1e-12,
+                 *SMALL_LORA, "--init-lora", out_dir / weight_name, env=env)
+    result_json(proc)
+    continued, finished = lora_weights(tmp_path / "more"), lora_weights(out_dir)
+    for key, tensor in finished.items():
+        torch.testing.assert_close(continued[key], tensor, rtol=0, atol=1e-6)
+    first_loss = {folder: float((folder / "loss_log.csv").read_text().splitlines()[1].split(",")[1])
+                  for folder in (out_dir, tmp_path / "more")}
+    assert first_loss[tmp_path / "more"] < first_loss[out_dir], first_loss
+
+
+@pytest.mark.slow
+def test_init_lora_of_another_shape_is_one_line(learned, tiny_model, quest, one_thread):
+    from diffusers import UNet2DConditionModel
+    out_dir, _ = learned
+    for flags, words in [([], ["rank 4", "--rank 4"]), (["--rank", "4"], ["lora_alpha 8", "--lora-alpha 8"]),
+                         (["--rank", "4", "--lora-alpha", "8", "--target-modules", "to_q,to_k"],
+                          ["other layers", "--target-modules"])]:
+        args = quest.parse_args(["--output-dir", str(out_dir.parent), *flags])
+        unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+        unet.add_adapter(quest.LoraConfig(**quest.lora_shape(args)))
+        for weight_name in ("pytorch_lora_weights.safetensors", KOHYA_FILE):
+            with pytest.raises(SystemExit) as exit_info:
+                quest.init_lora(unet, out_dir / weight_name, args)
+            for word in words:
+                assert word in message(exit_info)
 
 
 @pytest.mark.slow
@@ -288,13 +369,14 @@ def test_same_seed_same_run_with_or_without_cache_and_checkpointing(trained, tin
 @pytest.mark.slow
 def test_two_processes_write_the_lora_once(tiny_model, palette, env, tmp_path):
     """torchrun really starts two CPU processes (gloo); only rank 0 writes. 4 images, 1 per process and step: one
-    epoch is 2 optimizer steps of an effective batch of 2. Min-SNR and the noise offset run along."""
+    epoch is 2 optimizer steps of an effective batch of 2. Min-SNR, the noise offset, caption dropout and a trigger
+    word run along."""
     out_dir = tmp_path / "seal"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / SCRIPT),
                "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", out_dir, "--device", "cpu",
                "--resolution", 32, "--train-batch-size", 1, "--gradient-accumulation-steps", 1,
                "--max-train-steps", 2, "--learning-rate", 1e-2, "--checkpointing-steps", 2,
-               "--snr-gamma", 5, "--noise-offset", 0.05]
+               "--snr-gamma", 5, "--noise-offset", 0.05, "--caption-dropout", 0.5, "--trigger-word", "zq"]
     proc = subprocess.run([str(part) for part in command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **env})
     result = result_json(proc)
@@ -474,6 +556,75 @@ def test_16_bit_palette_and_transparent_images_convert_to_the_right_colours(ques
     assert tuple(pixels[10, 10]) == (255, 255, 255) and tuple(pixels[10, 50]) == (200, 30, 40)
 
 
+# ---------------------------------------------------------------- captions
+def write_mixed_folder(folder):
+    """kohya .txt captions, a metadata.jsonl in the folder and one in a subfolder, an image with both, one with none."""
+    write_palette(folder, count=5)
+    (folder / "sub").mkdir()
+    os.replace(folder / "palette_4.png", folder / "sub" / "deep.png")
+    (folder / "palette_0.txt").write_text("from txt, red\n\nignored second line", encoding="utf-8")
+    (folder / "palette_1.txt").write_text("txt wins", encoding="utf-8")
+    (folder / "metadata.jsonl").write_text(
+        json.dumps({"file_name": "palette_1.png", "text": "metadata loses"}) + "\n\n"
+        + json.dumps({"file_name": "palette_2.png", "text": "from metadata", "extra": 1}) + "\n", encoding="utf-8")
+    (folder / "sub" / "metadata.jsonl").write_text(json.dumps({"file_name": "deep.png", "text": ["first", "second"]}))
+    return folder
+
+
+def test_captions_come_from_txt_then_metadata_then_the_train_prompt(quest, tmp_path):
+    folder = write_mixed_folder(tmp_path / "mixed")
+    args = quest.parse_args(["--dataset-dir", str(folder), "--train-prompt", "plain", "--output-dir", str(tmp_path)])
+    files, captions, sources = quest.read_folder(args)
+    assert [path.relative_to(folder).as_posix() for path in files] == [
+        "palette_0.png", "palette_1.png", "palette_2.png", "palette_3.png", "sub/deep.png"]
+    assert captions == ["from txt, red", "txt wins", "from metadata", "plain", "first"]
+    assert sources == {"txt": 2, "metadata.jsonl": 2, "--train-prompt": 1}
+    args = quest.parse_args(["--trigger-word", "zq", "--caption-dropout", "0.1", "--output-dir", str(tmp_path)])
+    distinct, ids, final = quest.caption_table(["a", "b", "a", ""], args)
+    assert final == ["zq, a", "zq, b", "zq, a", "zq"] and distinct == ["zq, a", "zq, b", "zq", ""]
+    assert ids == [0, 1, 0, 2]  # one text embedding per distinct caption; the empty one last, for the dropout
+
+
+@pytest.mark.parametrize("damage, words", [
+    (lambda folder: (folder / "palette_3.txt").write_bytes(b"caf\xe9 au lait"), ["palette_3.txt", "not UTF-8"]),
+    (lambda folder: (folder / "palette_3.txt").write_text(" \n"), ["palette_3.txt", "empty"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "palette_2.png", "text": "ok"}\n{oops\n'),
+     ["metadata.jsonl line 2", "not JSON"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "gone.png", "text": "x"}'),
+     ["metadata.jsonl line 1", "gone.png", "does not exist"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "palette_1.txt", "text": "x"}'),
+     ["metadata.jsonl line 1", "palette_1.txt", "not an image"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "palette_2.png", "caption": "x"}'),
+     ["metadata.jsonl line 1", "no 'text' column", "caption", "--caption-column"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "palette_2.png", "text": 7}'),
+     ["metadata.jsonl line 1", "not a string"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text('["palette_2.png"]'),
+     ["metadata.jsonl line 1", "file_name"]),
+])
+def test_a_bad_caption_file_or_metadata_line_is_named_in_one_line(quest, tmp_path, damage, words):
+    folder = write_mixed_folder(tmp_path / "mixed")
+    damage(folder)
+    with pytest.raises(SystemExit) as exit_info:
+        quest.read_folder(quest.parse_args(["--dataset-dir", str(folder), "--output-dir", str(tmp_path)]))
+    for word in words:
+        assert word in message(exit_info)
+
+
+@pytest.mark.slow
+def test_a_metadata_folder_trains_through_datasets_and_a_hub_name_offline_is_one_line(tiny_model, env, tmp_path):
+    folder = write_captioned_images(tmp_path / "imagefolder", CAPTIONS, metadata=True)
+    proc = run_script(SCRIPT, "--model-id", tiny_model, "--dataset-name", folder, "--output-dir", tmp_path / "seal",
+                      *TINY_RUN, "--max-train-steps", 1, "--device", "cpu", cwd=tmp_path, env=env)
+    assert result_json(proc)["steps"] == 1
+    assert "2 images, 2 distinct captions (2 from --caption-column)" in proc.stdout
+    with safe_open(tmp_path / "seal" / KOHYA_FILE, "pt") as file:
+        assert "a blue wave" in json.loads(file.metadata()["ss_tag_frequency"])["imagefolder"]
+    proc = run_script(SCRIPT, "--model-id", tiny_model, "--dataset-name", "someone/palettes", "--output-dir",
+                      tmp_path / "seal2", cwd=tmp_path, env=env)  # run_script sets HF_HUB_OFFLINE=1
+    assert_clean_failure(proc, "--dataset-name someone/palettes", "connect to the internet")
+    assert not (tmp_path / "seal2").exists()
+
+
 # ---------------------------------------------------------------- failures leave nothing behind
 def test_missing_or_empty_dataset_dir_fails_cleanly_without_output(quest, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
@@ -511,13 +662,13 @@ def test_a_full_disk_keeps_the_old_lora_and_leaves_no_temp_file(trained, tiny_mo
     before = (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
     from diffusers import UNet2DConditionModel
     unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
-    unet.add_adapter(quest.LoraConfig(**quest.LORA_CONFIG))
+    unet.add_adapter(quest.LoraConfig(**quest.lora_shape(quest.parse_args(["--output-dir", str(tmp_path)]))))
 
     def full_disk(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(quest.os, "fsync", full_disk)
     with pytest.raises(SystemExit) as exit_info:
-        quest.save_lora(unet, tmp_path, kohya=True)
+        quest.save_lora(unet, tmp_path, {"ss_output_name": "seal"})
     assert "disk is full" in message(exit_info) and "pytorch_lora_weights.safetensors" in message(exit_info)
     assert (tmp_path / "pytorch_lora_weights.safetensors").read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pytorch_lora_weights.safetensors"]
@@ -556,7 +707,7 @@ def test_resume_refuses_what_is_not_a_complete_checkpoint(trained, quest, tmp_pa
     for folder, words in [(out_dir, ["final output folder", "checkpoint-N", "--resume latest"]),
                           (renamed, ["not named checkpoint-N"]),
                           (half, ["not a complete checkpoint"]),
-                          (other_rank, ["r 8", "r 16"]),
+                          (other_rank, ["r 8", "--rank 8"]),
                           (tmp_path / "nowhere", ["not a folder"])]:
         with pytest.raises(SystemExit) as exit_info:
             quest.parse_args(["--resume", str(folder)])
