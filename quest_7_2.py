@@ -1,22 +1,24 @@
 """Quest 7.2 - the artist's seal: teach a Stable Diffusion v1.x UNet a palette with LoRA.
 
 Point the script at a folder of images and a Stable Diffusion v1.x model (a hub id or a local
-folder). It freezes the whole model, adds small LoRA matrices (r=16, alpha=32) to the UNet's
-attention projections and trains only those on the images, all captioned with one fixed prompt.
+folder). It freezes the whole model, adds small LoRA matrices (default r=16, alpha=32) to the UNet's
+attention projections and trains only those on the images. Each image is trained with its own
+caption (image.txt beside it, or a metadata.jsonl line) or, without one, with --train-prompt.
 The result is a few megabytes, written twice: pytorch_lora_weights.safetensors for diffusers'
-`load_lora_weights(outputDir)`, and the same LoRA in the kohya layout
-(lora_kohya_for_a1111_forge_comfyui.safetensors) for AUTOMATIC1111, Forge and ComfyUI.
+`load_lora_weights(outputDir)`, and the same LoRA in the kohya layout, with the metadata A1111
+shows (lora_kohya_for_a1111_forge_comfyui.safetensors), for AUTOMATIC1111, Forge and ComfyUI.
 
 The spec's settings come as a JSON object (--config, inline or a file) or as kebab-case flags;
-flags win. Memory is the point of the quest, so what is fixed is computed once and freed: the
-prompt's text embedding, and the VAE latents of every image (both flips), so a training step
-runs the UNet alone. Under fp16/bf16 mixed precision the frozen UNet is kept in that dtype and
-only the LoRA weights in fp32.
+flags win. Memory is the point of the quest, so what is fixed is computed once and freed: one
+text embedding per distinct caption, and the VAE latents of every image (both flips), so a
+training step runs the UNet alone. Under fp16/bf16 mixed precision the frozen UNet is kept in
+that dtype and only the LoRA weights in fp32.
 
     python quest_7_2.py --dataset-dir my_palette --output-dir artist_seal
+    python quest_7_2.py --dataset-dir my_photos --trigger-word zq --rank 8 --lora-alpha 8
     torchrun --nproc_per_node 2 quest_7_2.py --config settings.json      # several GPUs, same script
 
-Numbers in docs/quest_7_2.md: SD v1.x's architecture with random weights at 256 px on a 2-core CPU with AVX512-BF16.
+Numbers in docs/quest_7_2.md: SD v1.x's architecture, random weights, 256 px, on a 2-core AMD EPYC with AVX512-BF16.
 """
 import argparse
 import csv
@@ -50,11 +52,9 @@ try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
     # warning when it cannot import torchao's tensors: neither concerns this script, and both would bury a one-line
     # error.
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-    import datasets
     import diffusers
     import transformers
 
-    datasets.utils.logging.set_verbosity_error()
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     import safetensors.torch
@@ -133,7 +133,7 @@ def parse_args(argv=None):
                              "its words; 0 keeps every caption")
     parser.add_argument("--rank", type=number(int, 1, 1024), default=16,
                         help="LoRA rank r: the size of each adapter (https://arxiv.org/abs/2106.09685)")
-    parser.add_argument("--lora-alpha", type=number(float, 0, low_open=True), default=32.0,
+    parser.add_argument("--lora-alpha", type=number(float, 0, 65536, low_open=True), default=32.0,
                         help="LoRA alpha: each update is scaled by alpha / r")
     parser.add_argument("--target-modules", type=module_names, default=["to_q", "to_k", "to_v", "to_out.0"],
                         metavar="NAMES", help="comma-separated names of the UNet layers that get adapters "
@@ -143,7 +143,7 @@ def parse_args(argv=None):
     parser.add_argument("--init-lora", metavar="PATH",
                         help="start from a finished LoRA instead of zero: this script's "
                              "pytorch_lora_weights.safetensors or kohya file, or an output folder holding them")
-    parser.add_argument("--noise-offset", type=number(float, 0), default=0.0,
+    parser.add_argument("--noise-offset", type=number(float, 0, 1), default=0.0,
                         help="add this times a per-image, per-channel constant to the noise (e.g. 0.05), so the "
                              "LoRA can shift overall brightness and colour; 0 is the spec's plain noise")
     parser.add_argument("--snr-gamma", type=number(float, 0, low_open=True),
@@ -253,6 +253,9 @@ def check_args(args):
     if args.init_lora and args.resume:
         fail("--init-lora and --resume both set where the LoRA starts; pass one (a checkpoint already holds its LoRA)")
     check_output_dir(args.output_dir, "--output-dir")
+    if args.dataset_name is None and Path(args.output_dir).resolve().is_relative_to(Path(args.dataset_dir).resolve()):
+        fail(f"--output-dir {args.output_dir} is inside --dataset-dir {args.dataset_dir}: the next run would train on "
+             "its loss plot and validation images; pass an output folder outside the dataset")
     if args.resume not in (None, "latest"):
         problem = checkpoint_problem(Path(args.resume)) or shape_problem(Path(args.resume), args)
         if problem:
@@ -425,6 +428,12 @@ def init_lora_file(path):
         path = next((path / name for name in (LORA_FILE, KOHYA_FILE) if (path / name).is_file()), path / LORA_FILE)
     if not path.is_file():
         fail(f"--init-lora {path} is not a file; pass a {LORA_FILE} or {KOHYA_FILE}, or the folder holding one")
+    try:  # the header only: a file that is no safetensors at all is refused before the model loads
+        with safe_open(path, "pt") as file:
+            file.keys()
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file raises several types
+        fail(f"--init-lora {path} does not load as safetensors ({str(err).strip()[:200]}); pass a LoRA file this "
+             "script wrote")
     return path
 
 
@@ -457,9 +466,12 @@ def init_lora(unet, path, args):
         fail(f"--init-lora {path} has rank {wrong_rank}; pass --rank {wrong_rank}")
     if alphas and alphas != {float(args.lora_alpha)}:
         fail(f"--init-lora {path} was trained with lora_alpha {min(alphas):g}; pass --lora-alpha {min(alphas):g}")
-    if not all_finite(found.values()):
-        fail(f"--init-lora {path} holds NaN or infinite weights; pass a LoRA from a run that did not diverge")
     set_peft_model_state_dict(unet, found, adapter_name="default")
+    try:
+        check_weights(unet, list(get_peft_model_state_dict(unet).values()), step=0)
+    except Diverged as err:
+        fail(f"--init-lora {path} is not usable ({str(err).replace(' at step 0', '')}); pass a LoRA from a run that "
+             "did not diverge")
 
 
 def checkpoint_only_lora(accelerator):
@@ -577,6 +589,10 @@ def read_folder(args):
 def read_hub_dataset(args):
     """(each image as (name, file-like or path), each one's caption, where the captions came from) for
     --dataset-name, loaded as diffusers' train_text_to_image_lora.py loads it; offline or unknown: one line."""
+    import datasets  # here, not at the top: it (and pyarrow) take ~0.6 s to import, and only --dataset-name uses it
+
+    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.disable_progress_bar()
     name = args.dataset_name
     try:
         dataset = datasets.load_dataset(name, split="train")
@@ -1260,8 +1276,10 @@ def main(argv=None):
         stats = train(args, accelerator, unet, optimizer, dataloader, lora_parameters, noise_scheduler,
                       text_embeddings, vae, latent_scale, start_step, loss_rows, validation_pipeline)
     except Diverged as err:
-        fail(f"{err}; lower --learning-rate (it is {args.learning_rate:g}); the LoRA was not saved and nothing was "
-             "written over earlier outputs")
+        scale = args.lora_alpha / args.rank  # each update is scaled by alpha / r: a large one amplifies every step
+        also = f" or --lora-alpha (alpha / rank is {scale:g})" if scale > 4 else ""
+        fail(f"{err}; lower --learning-rate (it is {args.learning_rate:g}){also}; the LoRA was not saved and nothing "
+             "was written over earlier outputs")
     except KeyboardInterrupt as stop:
         stop_interrupted(stop, what_was_kept(output_dir))
     accelerator.wait_for_everyone()
@@ -1272,13 +1290,16 @@ def main(argv=None):
         model = accelerator.unwrap_model(unet)
         dataset = Path(args.dataset_name or args.dataset_dir)  # kohya keys the tag counts by the folder's name
         dataset_label = dataset.resolve().name if dataset.exists() else args.dataset_name
-        save_lora(model, output_dir, kohya_metadata(args, model, final_captions, dataset_label))
-        write_loss_log(output_dir, stats["lossRows"])
         result = {"success": True, "outputDir": str(output_dir.resolve()), "epochsCompleted": stats["epochsCompleted"],
                   "finalLoss": None if stats["finalLoss"] is None else round(stats["finalLoss"], 6),
                   "steps": stats["steps"]}
-        # Before validation: a failure while rendering keeps the run's record.
-        write_atomically(output_dir / RESULT_FILE, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+        try:  # each file whole (atomic); result.json last, and before validation, which may still fail
+            save_lora(model, output_dir, kohya_metadata(args, model, final_captions, dataset_label))
+            write_loss_log(output_dir, stats["lossRows"])
+            write_atomically(output_dir / RESULT_FILE, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+        except KeyboardInterrupt as stop:
+            stop_interrupted(stop, f"stopped while writing the LoRA files in {output_dir}; "
+                                   f"{what_was_kept(output_dir)}")
         del unet, model, optimizer, validation_pipeline
         text_encoder = vae = None
         accelerator.free_memory()

@@ -190,11 +190,12 @@ def learned(tiny_model, two_images, env, tmp_path_factory):
 def test_the_lora_learns_its_captioned_images_it_lowers_their_denoising_loss(learned, tiny_model, two_images, quest,
                                                                              one_thread):
     """On fixed noise and timesteps, the LoRA denoises its (image, caption) pairs better than the base model
-    (measured: 0.947x the base loss at rank 16; 0.97x is the bar)."""
+    (0.97x is the bar)."""
     out_dir, proc = learned
     assert "2 images, 2 distinct captions (2 from txt)" in proc.stdout
     pairs = [(two_images / f"{name}.png", f"{TRIGGER}, {caption}") for name, (_, caption) in CAPTIONS.items()]
     base, tuned = denoising_loss(quest, tiny_model, None, pairs), denoising_loss(quest, tiny_model, out_dir, pairs)
+    print(f"denoising loss on the training pairs: base {base:.4f}, with the LoRA {tuned:.4f} ({tuned / base:.3f}x)")
     assert tuned < 0.97 * base, (base, tuned)
 
 
@@ -235,14 +236,13 @@ def test_rank_alpha_and_a1111_metadata_are_in_both_files(learned, tiny_model, on
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weight_name", ["pytorch_lora_weights.safetensors", KOHYA_FILE])
-def test_init_lora_continues_a_finished_lora(learned, tiny_model, two_images, env, tmp_path, weight_name):
+def test_init_lora_continues_a_finished_lora(learned, tiny_model, two_images, env, tmp_path):
     """--init-lora with a learning rate too small to move anything: the saved LoRA is the finished one, and the first
     step's loss (same seed: same batch, noise and timesteps as the finished run's first step) is the finished LoRA's,
     below the base model's."""
     out_dir, _ = learned
     proc = train(tiny_model, two_images, tmp_path / "more", "--max-train-steps", 1, "--learning-rate", 1e-12,
-                 *SMALL_LORA, "--init-lora", out_dir / weight_name, env=env)
+                 *SMALL_LORA, "--init-lora", out_dir, env=env)
     result_json(proc)
     continued, finished = lora_weights(tmp_path / "more"), lora_weights(out_dir)
     for key, tensor in finished.items():
@@ -253,9 +253,20 @@ def test_init_lora_continues_a_finished_lora(learned, tiny_model, two_images, en
 
 
 @pytest.mark.slow
-def test_init_lora_of_another_shape_is_one_line(learned, tiny_model, quest, one_thread):
+def test_init_lora_of_another_shape_is_one_line_and_the_kohya_file_loads_as_the_diffusers_file(learned, tiny_model,
+                                                                                                 quest, one_thread):
     from diffusers import UNet2DConditionModel
     out_dir, _ = learned
+    args = quest.parse_args(["--output-dir", str(out_dir.parent), *map(str, SMALL_LORA)])
+    loaded = {}
+    for weight_name in ("pytorch_lora_weights.safetensors", KOHYA_FILE):
+        unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+        unet.add_adapter(quest.LoraConfig(**quest.lora_shape(args)))
+        quest.init_lora(unet, out_dir / weight_name, args)
+        loaded[weight_name] = quest.get_peft_model_state_dict(unet)
+    assert loaded[KOHYA_FILE].keys() == loaded["pytorch_lora_weights.safetensors"].keys()
+    for key, tensor in loaded["pytorch_lora_weights.safetensors"].items():
+        torch.testing.assert_close(loaded[KOHYA_FILE][key], tensor, rtol=0, atol=0)
     for flags, words in [([], ["rank 4", "--rank 4"]), (["--rank", "4"], ["lora_alpha 8", "--lora-alpha 8"]),
                          (["--rank", "4", "--lora-alpha", "8", "--target-modules", "to_q,to_k"],
                           ["other layers", "--target-modules"])]:
@@ -337,33 +348,20 @@ def test_kohya_file_has_the_a1111_layout_and_loads_to_the_same_images(trained, t
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_gives_the_uninterrupted_run(trained, tiny_model, palette, env, tmp_path):
+def test_resume_mid_epoch_without_the_cache_gives_the_uninterrupted_run(trained, tiny_model, palette, env, tmp_path):
+    """Resumed from checkpoint-3 of the cached run, with the live VAE and gradient checkpointing: the same weights as
+    the uninterrupted run. So resuming restores every RNG and the data order, cached posteriors (both flips) and the
+    live VAE draw the same random numbers, and gradient checkpointing recomputes the same activations."""
     out_dir, _, _ = trained("cpu")
-    proc = train(tiny_model, palette, tmp_path / "resumed", "--resume", out_dir / "checkpoint-3", "--device", "cpu",
-                 env=env)
+    proc = train(tiny_model, palette, tmp_path / "resumed", "--resume", out_dir / "checkpoint-3", "--no-cache-latents",
+                 "--gradient-checkpointing", "--device", "cpu", env=env)
     assert result_json(proc)["steps"] == 4
     resumed, uninterrupted = lora_weights(tmp_path / "resumed"), lora_weights(out_dir)
     for key, tensor in uninterrupted.items():
-        torch.testing.assert_close(resumed[key], tensor, rtol=0, atol=1e-6)
+        torch.testing.assert_close(resumed[key], tensor, rtol=1e-4, atol=1e-5)
     # The loss log continues the checkpoint's: steps 1-3 from it, step 4 from the resumed run, as uninterrupted.
     resumed_rows = (tmp_path / "resumed" / "loss_log.csv").read_text().splitlines()
     assert [row.split(",")[0] for row in resumed_rows] == ["step", "1", "2", "3", "4"]
-
-
-@pytest.mark.slow
-def test_same_seed_same_run_with_or_without_cache_and_checkpointing(trained, tiny_model, palette, env, tmp_path):
-    """Cached posteriors (both flips) and the live VAE draw the same random numbers, and gradient checkpointing
-    recomputes the same activations: a second run with the same seed is the same training run (validation
-    rendering during the first one left the training RNG alone)."""
-    out_dir, cached_result, _ = trained("cpu")
-    proc = train(tiny_model, palette, tmp_path / "live", "--no-cache-latents", "--gradient-checkpointing",
-                 "--device", "cpu", env=env)
-    live_result = result_json(proc)
-    assert live_result["finalLoss"] == pytest.approx(cached_result["finalLoss"], abs=1e-5)
-    assert {**live_result, "outputDir": 0, "finalLoss": 0} == {**cached_result, "outputDir": 0, "finalLoss": 0}
-    live, cached = lora_weights(tmp_path / "live"), lora_weights(out_dir)
-    for key, tensor in cached.items():
-        torch.testing.assert_close(live[key], tensor, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.slow
@@ -449,7 +447,7 @@ def test_bad_config_is_one_clear_line(quest, config, words):
     (["--seed", "-1"], ["--seed", "[0, 4294967295]"]),
     (["--seed", str(2**32)], ["--seed", "[0, 4294967295]"]),
     (["--output-dir", "x" * 300], ["--output-dir", "pass a shorter path"]),
-    (["--noise-offset", "-0.1"], ["--noise-offset", ">= 0"]),
+    (["--noise-offset", "-0.1"], ["--noise-offset", "[0, 1]"]),
     (["--snr-gamma", "0"], ["--snr-gamma", "above 0"]),
     (["--max-grad-norm", "nan"], ["--max-grad-norm", "finite"]),
     (["--mixed-precision", "fp8"], ["--mixed-precision", "fp8"]),
@@ -524,15 +522,16 @@ def test_a_bad_image_is_named_in_one_line(quest, palette, tmp_path, writer, word
         assert word in text
 
 
-@pytest.mark.slow
-def test_a_bad_image_stops_the_run_before_the_model_loads(palette, env, tmp_path):
+def test_a_bad_image_stops_the_run_before_the_model_loads(quest, palette, tmp_path):
     """A model id that cannot load: had the model been loaded first, the error would name it, not the image."""
     folder = tmp_path / "images"
     shutil.copytree(palette, folder)
     write_truncated_png(folder / "z_last.png")
-    proc = run_script(SCRIPT, "--model-id", "no-such-org/no-such-model", "--dataset-dir", folder,
-                      "--output-dir", tmp_path / "seal", cwd=tmp_path, env=env)
-    assert_clean_failure(proc, "z_last.png", "corrupt")
+    with pytest.raises(SystemExit) as exit_info:
+        quest.main(["--model-id", str(tmp_path / "no-model"), "--dataset-dir", str(folder), "--output-dir",
+                    str(tmp_path / "seal"), "--device", "cpu"])
+    assert "z_last.png" in message(exit_info) and "corrupt" in message(exit_info)
+    assert not (tmp_path / "seal").exists()
 
 
 def test_16_bit_palette_and_transparent_images_convert_to_the_right_colours(quest, tmp_path):
@@ -610,19 +609,27 @@ def test_a_bad_caption_file_or_metadata_line_is_named_in_one_line(quest, tmp_pat
         assert word in message(exit_info)
 
 
-@pytest.mark.slow
-def test_a_metadata_folder_trains_through_datasets_and_a_hub_name_offline_is_one_line(tiny_model, env, tmp_path):
+def test_dataset_name_loads_an_imagefolder_through_datasets_and_offline_is_one_line(quest, tmp_path, monkeypatch):
+    import datasets
+    import huggingface_hub
     folder = write_captioned_images(tmp_path / "imagefolder", CAPTIONS, metadata=True)
-    proc = run_script(SCRIPT, "--model-id", tiny_model, "--dataset-name", folder, "--output-dir", tmp_path / "seal",
-                      *TINY_RUN, "--max-train-steps", 1, "--device", "cpu", cwd=tmp_path, env=env)
-    assert result_json(proc)["steps"] == 1
-    assert "2 images, 2 distinct captions (2 from --caption-column)" in proc.stdout
-    with safe_open(tmp_path / "seal" / KOHYA_FILE, "pt") as file:
-        assert "a blue wave" in json.loads(file.metadata()["ss_tag_frequency"])["imagefolder"]
-    proc = run_script(SCRIPT, "--model-id", tiny_model, "--dataset-name", "someone/palettes", "--output-dir",
-                      tmp_path / "seal2", cwd=tmp_path, env=env)  # run_script sets HF_HUB_OFFLINE=1
-    assert_clean_failure(proc, "--dataset-name someone/palettes", "connect to the internet")
-    assert not (tmp_path / "seal2").exists()
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "cache")
+    args = quest.parse_args(["--dataset-name", str(folder), "--output-dir", str(tmp_path / "seal")])
+    images, captions, sources = quest.read_hub_dataset(args)
+    assert sorted(captions) == sorted(caption for _, caption in CAPTIONS.values()) and sources["--caption-column"] == 2
+    assert len(quest.load_palette(images, 32)) == 2  # decoded and checked like the folder's images
+    with pytest.raises(SystemExit) as exit_info:
+        quest.read_hub_dataset(quest.parse_args(["--dataset-name", str(folder), "--caption-column", "prompt",
+                                                 "--output-dir", str(tmp_path / "seal")]))
+    assert "no column 'prompt'" in message(exit_info) and "--caption-column" in message(exit_info)
+    # Offline (the library's own switch, as HF_HUB_OFFLINE=1 sets it): a hub name is one line, nothing downloaded.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(SystemExit) as exit_info:
+        quest.read_hub_dataset(quest.parse_args(["--dataset-name", "someone/palettes", "--output-dir",
+                                                 str(tmp_path / "seal")]))
+    assert "--dataset-name someone/palettes" in message(exit_info) and "connect to the internet" in message(exit_info)
 
 
 # ---------------------------------------------------------------- failures leave nothing behind
@@ -648,11 +655,10 @@ def test_unwritable_output_dir_fails_before_any_work(quest, palette, tmp_path, w
     assert "--output-dir" in message(exit_info) and expected in message(exit_info)
 
 
-@pytest.mark.slow
-def test_unloadable_model_id_fails_cleanly_naming_it(palette, env, tmp_path):
-    proc = run_script(SCRIPT, "--model-id", "no-such-org/no-such-model", "--dataset-dir", palette,
-                      "--output-dir", tmp_path / "seal", cwd=tmp_path, env=env)
-    assert_clean_failure(proc, "could not load", "no-such-org/no-such-model")
+def test_unloadable_model_folder_fails_cleanly_naming_it(quest, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        quest.load_components(str(tmp_path))  # a folder without the pipeline's subfolders
+    assert "could not load" in message(exit_info) and str(tmp_path) in message(exit_info)
 
 
 @pytest.mark.slow
@@ -728,21 +734,28 @@ def test_resume_latest_picks_the_newest_complete_checkpoint(trained, quest, tmp_
 
 
 @pytest.mark.slow
-def test_resume_from_another_architecture_is_one_line(trained, tiny_model, palette, env, tmp_path):
+def test_resume_from_another_architecture_is_one_line(trained, tiny_model, quest, tmp_path):
+    from accelerate import Accelerator
+    from diffusers import UNet2DConditionModel
     out_dir, _, _ = trained("cpu")
     checkpoint = shutil.copytree(out_dir / "checkpoint-3", tmp_path / "checkpoint-3")
     weights = load_file(checkpoint / "pytorch_lora_weights.safetensors")
     first = sorted(key for key in weights if key.endswith("lora.down.weight"))[0]
     weights[first] = torch.zeros(16, weights[first].shape[1] * 2)  # a wider layer: another model's LoRA
     save_file(weights, checkpoint / "pytorch_lora_weights.safetensors")
-    proc = train(tiny_model, palette, tmp_path / "seal", "--resume", checkpoint, "--device", "cpu", env=env)
-    assert_clean_failure(proc, "another model", "--model-id")
-    assert not (tmp_path / "seal" / "pytorch_lora_weights.safetensors").exists()
+    args = quest.parse_args(["--resume", str(checkpoint), "--output-dir", str(tmp_path / "seal")])
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet.add_adapter(quest.LoraConfig(**quest.lora_shape(args)))
+    with pytest.raises(SystemExit) as exit_info:  # refused before anything is loaded into the UNet or optimizer
+        quest.resume(checkpoint, args, Accelerator(cpu=True), unet, optimizer=None)
+    assert "another model" in message(exit_info) and "--model-id" in message(exit_info)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_or_sigterm_names_the_checkpoint_to_resume_from(tiny_model, palette, env, tmp_path, sig, code):
+def test_sigterm_like_ctrl_c_names_the_checkpoint_to_resume_from(tiny_model, palette, env, tmp_path):
+    """SIGTERM (what `timeout` or a scheduler sends) mid-training; Ctrl-C takes the same path (exit_interrupted), and
+    both are sent for real while the libraries load (below)."""
+    sig, code = signal.SIGTERM, 143
     out_dir = tmp_path / "seal"
     proc = interrupt_script(SCRIPT, "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", out_dir,
                             *TINY_RUN[:6], "--max-train-steps", 100_000, "--checkpointing-steps", 2, "--device", "cpu",
