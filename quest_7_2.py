@@ -757,7 +757,7 @@ def make_accelerator(args, device):
 
 # ---------------------------------------------------------------- training
 class Diverged(Exception):
-    """The training loss, or the LoRA weights after an optimizer step, stopped being finite."""
+    """The training loss, or the LoRA weights after an optimizer step, stopped being finite or blew up."""
 
 
 def batch_posteriors(images, cached, vae):
@@ -1242,9 +1242,10 @@ def main(argv=None):
     files, captions, sources = read_hub_dataset(args) if args.dataset_name else read_folder(args)
     images = load_palette(files, args.resolution)
     distinct_captions, caption_ids, final_captions = caption_table(captions, args)
-    print(f"{len(images)} images, {len(set(final_captions))} distinct captions ("
-          + ", ".join(f"{count} from {source}" for source, count in sources.items() if count) + ")")
     accelerator = make_accelerator(args, device)
+    if accelerator.is_main_process:
+        print(f"{len(images)} images, {len(set(final_captions))} distinct captions ("
+              + ", ".join(f"{count} from {source}" for source, count in sources.items() if count) + ")")
     # Per-process seeds (seed + rank) give each GPU its own noise; rank 0 is the plain seed, so 1 device = --seed.
     set_seed((args.seed + accelerator.process_index) % 2**32)
 
