@@ -1,24 +1,29 @@
 """Quest 7.2 - the artist's seal: teach a Stable Diffusion v1.x UNet a palette with LoRA.
 
 Point the script at a folder of images and a Stable Diffusion v1.x model (a hub id or a local
-folder). It freezes the whole model, adds small LoRA matrices (r=16, alpha=32) to the UNet's
-attention projections and trains only those on the images, all captioned with one fixed prompt.
+folder). It freezes the whole model, adds small LoRA matrices (default r=16, alpha=32) to the UNet's
+attention projections and trains only those on the images. Each image is trained with its own
+caption (image.txt beside it, or a metadata.jsonl line) or, without one, with --train-prompt.
 The result is a few megabytes, written twice: pytorch_lora_weights.safetensors for diffusers'
-`load_lora_weights(outputDir)`, and the same LoRA in the kohya layout
-(lora_kohya_for_a1111_forge_comfyui.safetensors) for AUTOMATIC1111, Forge and ComfyUI.
+`load_lora_weights(outputDir)`, and the same LoRA in the kohya layout, with the metadata A1111
+shows (lora_kohya_for_a1111_forge_comfyui.safetensors), for AUTOMATIC1111, Forge and ComfyUI.
 
 The spec's settings come as a JSON object (--config, inline or a file) or as kebab-case flags;
-flags win. Memory is the point of the quest, so what is fixed is computed once and freed: the
-prompt's text embedding, and the VAE latents of every image (both flips), so a training step
-runs the UNet alone. Under fp16/bf16 mixed precision the frozen UNet is kept in that dtype and
-only the LoRA weights in fp32.
+flags win. Memory is the point of the quest, so what is fixed is computed once and freed: one
+text embedding per distinct caption, and the VAE latents of every image (both flips), so a
+training step runs the UNet alone. Under fp16/bf16 mixed precision the frozen UNet is kept in
+that dtype and only the LoRA weights in fp32.
 
     python quest_7_2.py --dataset-dir my_palette --output-dir artist_seal
+    python quest_7_2.py --dataset-dir my_photos --trigger-word zq --rank 8 --lora-alpha 8
     torchrun --nproc_per_node 2 quest_7_2.py --config settings.json      # several GPUs, same script
+
+Numbers in docs/quest_7_2.md: SD v1.x's architecture, random weights, 256 px, on a 2-core AMD EPYC with AVX512-BF16.
 """
 import argparse
 import csv
 import errno
+import hashlib
 import io
 import json
 import logging
@@ -26,147 +31,67 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
 from pathlib import Path
 
-import numpy as np
-import torch
 
-# torchao (when installed) registers enums that torch 2.14 warns about at import time, and diffusers logs a warning
-# when it cannot import torchao's tensors: neither concerns this script, and both would bury a one-line error.
-logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
-import diffusers  # noqa: E402
-import transformers  # noqa: E402
+def raise_interrupt(signum, frame):
+    """SIGTERM (`timeout`, a scheduler, a closing terminal) stops a run the way Ctrl-C does: see exit_interrupted."""
+    raise KeyboardInterrupt(signum)
 
-diffusers.utils.logging.set_verbosity_error()
-transformers.utils.logging.set_verbosity_error()
 
-import safetensors.torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from accelerate import Accelerator, DataLoaderConfiguration  # noqa: E402
-from accelerate.utils import set_seed  # noqa: E402
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel  # noqa: E402
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution  # noqa: E402
-from diffusers.training_utils import cast_training_params, compute_snr  # noqa: E402
-from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft  # noqa: E402
-from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict  # noqa: E402
-from PIL import Image, ImageDraw, ImageOps  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from torch.utils.data import DataLoader, Dataset, TensorDataset  # noqa: E402
-from torchvision import transforms  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import CLIPTextModel, CLIPTokenizer  # noqa: E402
+signal.signal(signal.SIGTERM, raise_interrupt)
+try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
+    import numpy as np
+    import torch
 
+    # torchao (when installed) registers enums that torch 2.14 warns about at import time, and diffusers logs a
+    # warning when it cannot import torchao's tensors: neither concerns this script, and both would bury a one-line
+    # error.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    import safetensors.torch
+    import torch.nn.functional as F
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.training_utils import cast_training_params, compute_snr
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+    from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+    from PIL import Image, ImageDraw, ImageOps
+    from safetensors import safe_open
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+    from torchvision import transforms
+    from tqdm.auto import tqdm
+    from transformers import CLIPTextModel, CLIPTokenizer
+except KeyboardInterrupt as stop:
+    print("error: interrupted while starting; nothing was done", file=sys.stderr)
+    sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))
+
+
+# ---------------------------------------------------------------- settings
 # The spec's JSON keys, in the order it lists them; each maps to the flag of the same name in kebab case.
 SPEC_KEYS = ("datasetDir", "outputDir", "modelId", "resolution", "trainBatchSize",
              "gradientAccumulationSteps", "learningRate", "numTrainEpochs")
-LORA_CONFIG = dict(r=16, lora_alpha=32, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
-                   lora_dropout=0.05, bias="none")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # the name load_lora_weights looks for
 KOHYA_FILE = "lora_kohya_for_a1111_forge_comfyui.safetensors"  # the layout AUTOMATIC1111, Forge and ComfyUI read
+RESULT_FILE = "result.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 CHECKPOINT_MARKER = "checkpoint.json"  # written last, inside a temp folder that is renamed only when complete
 LOSS_LOG, LOSS_PLOT = "loss_log.csv", "loss_plot.png"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": torch.float32}
-
-
-# ---------------------------------------------------------------- one voice (docs/contributing.md)
-def fail(message):
-    """End the run the way every fault ends here: one line on stderr, exit 1, no traceback."""
-    raise SystemExit(f"error: {message}")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, but a bad flag ends like every other fault: one line on stderr, no usage dump."""
-
-    def error(self, message):
-        fail(f"{message}; run with --help to see the flags")
-
-
-def positive_int(text):
-    """argparse type: a whole number >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got '{text}'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
-    return value
-
-
-def positive_float(text):
-    """argparse type: a finite number > 0 (learning rates, temperatures, time budgets)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got '{text}'") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
-    return value
-
-
-def pick_device(name):
-    """--device auto: CUDA, then Apple's MPS, then the CPU; a device asked for by name must be there."""
-    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
-    if name == "auto":
-        name = next(kind for kind, present in available.items() if present)
-    elif not available[name]:
-        fail(f"--device {name} was requested but is not available here; use --device auto or --device cpu")
-    return torch.device(name)
-
-
-def check_output_dir(path, flag):
-    """Before any work: `path` must be a folder we can write in, or one we can create. Probes with a real temp
-    file (os.access says yes to root even on a read-only folder) and creates nothing."""
-    path = Path(path)
-    existing = next(folder for folder in (path, *path.parents) if folder.exists())
-    if not existing.is_dir():
-        where = "a file" if existing == path else f"under the file {existing}"
-        fail(f"{flag} {path} is {where}, not a folder; pass a folder path")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        fail(f"{flag} {path} is not writable ({existing}: {err.strerror or err}); pass a folder you can write to")
-
-
-def write_atomically(path, data):
-    """bytes -> path through a temp file in the same folder and os.replace: a final name never holds half a
-    file, and a failed write removes its temp file and ends in one line."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
-        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        fail(f"could not write {path} ({reason}); free some space or pass another output folder")
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-# ---------------------------------------------------------------- settings
-def non_negative_float(text):
-    """argparse type: a finite number >= 0 (0 turns the feature off)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'") from None
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
-
-
-def snake_case(key):
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+# A LoRA update over 1000x the frozen weight it adapts has diverged: trained ones stay well under 1x.
+MAX_LORA_GROWTH = 1e3
+MAX_RESOLUTION = 2048  # 4x SD v1's native 512 px: beyond it a step needs more memory than any one GPU has
 
 
 def parse_args(argv=None):
@@ -176,29 +101,55 @@ def parse_args(argv=None):
                         help=f"the spec's settings as a JSON object, inline or in a file; keys: "
                              f"{', '.join(SPEC_KEYS)}. Flags given on the command line win over it")
     parser.add_argument("--dataset-dir", default="../Quest_1/generated_palette",
-                        help="folder of training images (.png .jpg .webp .bmp .gif .tif, subfolders included)")
+                        help="folder of training images (.png .jpg .webp .bmp .gif .tif, subfolders included); "
+                             "captions from image.txt beside image.png (kohya) or metadata.jsonl (datasets' "
+                             "imagefolder), the .txt winning where both have one")
+    parser.add_argument("--dataset-name", metavar="NAME",
+                        help="a Hugging Face datasets name (hub or local) to train on instead of --dataset-dir, "
+                             "loaded with datasets.load_dataset(NAME, split='train')")
+    parser.add_argument("--image-column", default="image", help="--dataset-name: the column holding the images")
+    parser.add_argument("--caption-column", default="text",
+                        help="the caption column of metadata.jsonl or of --dataset-name (datasets' convention)")
     parser.add_argument("--output-dir", default="artist_seal",
                         help="where the LoRA files, result.json, the loss log and checkpoints go")
     parser.add_argument("--model-id", default="CompVis/stable-diffusion-v1-4",
                         help="Stable Diffusion v1.x model: a hub id or a local folder in diffusers layout")
-    parser.add_argument("--resolution", type=positive_int, default=256,
-                        help="images are resized and center-cropped to this")
-    parser.add_argument("--train-batch-size", type=positive_int, default=1, help="images per step and process")
-    parser.add_argument("--gradient-accumulation-steps", type=positive_int, default=4,
+    parser.add_argument("--resolution", type=number(int, 8, MAX_RESOLUTION), default=256,
+                        help="images are resized and center-cropped to this; a multiple of 8 (the VAE's factor)")
+    parser.add_argument("--train-batch-size", type=number(int, 1), default=1, help="images per step and process")
+    parser.add_argument("--gradient-accumulation-steps", type=number(int, 1), default=4,
                         help="batches whose gradients add up before one optimizer step")
-    parser.add_argument("--learning-rate", type=positive_float, default=1e-4,
+    parser.add_argument("--learning-rate", type=number(float, 0, low_open=True), default=1e-4,
                         help="AdamW learning rate of the LoRA weights")
-    parser.add_argument("--num-train-epochs", type=positive_int, default=100, help="passes over the images")
-    parser.add_argument("--max-train-steps", type=positive_int,
+    parser.add_argument("--num-train-epochs", type=number(int, 1), default=100, help="passes over the images")
+    parser.add_argument("--max-train-steps", type=number(int, 1),
                         help="stop after this many optimizer steps (overrides epochs)")
     parser.add_argument("--train-prompt", default="a painting in the artist's palette",
-                        help="the one caption every training image gets")
-    parser.add_argument("--noise-offset", type=non_negative_float, default=0.0,
+                        help="the caption of every image without one of its own (a plain folder: all of them)")
+    parser.add_argument("--trigger-word", default="",
+                        help="put in front of every caption ('W, caption'), so that W alone calls up the LoRA")
+    parser.add_argument("--caption-dropout", type=number(float, 0, 1, high_open=True), default=0.0,
+                        help="train this share of images with the empty caption, so the LoRA also acts without "
+                             "its words; 0 keeps every caption")
+    parser.add_argument("--rank", type=number(int, 1, 1024), default=16,
+                        help="LoRA rank r: the size of each adapter (https://arxiv.org/abs/2106.09685)")
+    parser.add_argument("--lora-alpha", type=number(float, 0, 65536, low_open=True), default=32.0,
+                        help="LoRA alpha: each update is scaled by alpha / r")
+    parser.add_argument("--target-modules", type=module_names, default=["to_q", "to_k", "to_v", "to_out.0"],
+                        metavar="NAMES", help="comma-separated names of the UNet layers that get adapters "
+                                              "(default: the attention projections to_q,to_k,to_v,to_out.0)")
+    parser.add_argument("--lora-dropout", type=number(float, 0, 1, high_open=True), default=0.05,
+                        help="dropout on the adapters' input while training")
+    parser.add_argument("--init-lora", metavar="PATH",
+                        help="start from a finished LoRA instead of zero: this script's "
+                             "pytorch_lora_weights.safetensors or kohya file, or an output folder holding them")
+    parser.add_argument("--noise-offset", type=number(float, 0, 1), default=0.0,
                         help="add this times a per-image, per-channel constant to the noise (e.g. 0.05), so the "
                              "LoRA can shift overall brightness and colour; 0 is the spec's plain noise")
-    parser.add_argument("--snr-gamma", type=positive_float,
-                        help="Min-SNR loss weighting with this gamma (5.0 is the paper's); off by default")
-    parser.add_argument("--max-grad-norm", type=non_negative_float, default=1.0,
+    parser.add_argument("--snr-gamma", type=number(float, 0, low_open=True),
+                        help="Min-SNR loss weighting with this gamma (5.0 is the paper's, "
+                             "https://arxiv.org/abs/2303.09556); off by default")
+    parser.add_argument("--max-grad-norm", type=number(float, 0), default=1.0,
                         help="clip the LoRA gradients to this norm before each optimizer step; 0 turns it off")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
                         help="dtype of the frozen UNet and of autocast; default: what `accelerate launch "
@@ -207,127 +158,470 @@ def parse_args(argv=None):
                         help="encode every image (both flips) with the VAE once before training, then free the VAE")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute UNet activations in the backward pass: less memory, slower steps")
-    parser.add_argument("--checkpointing-steps", type=positive_int,
+    parser.add_argument("--checkpointing-steps", type=number(int, 1),
                         help="save a resumable checkpoint-N folder in the output dir every N optimizer steps")
-    parser.add_argument("--checkpoints-total-limit", type=positive_int,
+    parser.add_argument("--checkpoints-total-limit", type=number(int, 1),
                         help="keep only the newest this many checkpoint-N folders")
     parser.add_argument("--resume", metavar="CHECKPOINT_DIR|latest",
                         help="continue from a checkpoint-N folder, or from the newest complete one in the output dir")
     parser.add_argument("--validation-prompts", nargs="+", default=[], metavar="PROMPT",
                         help="after training, render each prompt without and with the LoRA into validation_<i>.png")
-    parser.add_argument("--validation-steps", type=positive_int, default=30, help="denoising steps per validation image")
-    parser.add_argument("--validation-every", type=positive_int, metavar="N",
+    parser.add_argument("--validation-steps", type=number(int, 1), default=30,
+                        help="denoising steps per validation image")
+    parser.add_argument("--validation-every", type=number(int, 1), metavar="N",
                         help="also render the validation prompts every N optimizer steps, into "
                              "validation/step-<N>_<i>.png (keeps the text encoder and VAE in memory)")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
                         help="auto: CUDA, then Apple's MPS, then the CPU")
-    parser.add_argument("--seed", type=int, default=0, help="seeds LoRA init, data order, noise and timesteps")
+    parser.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
+                        help="0 to 2^32-1; seeds LoRA init, data order, flips, noise and timesteps")
     args = parser.parse_args(argv)
     if args.config is not None:
         parser.set_defaults(**read_config(args.config, parser))
         args = parser.parse_args(argv)  # again, so that flags typed on the command line win over the JSON
-    if args.validation_every and not args.validation_prompts:
-        fail("--validation-every needs --validation-prompts; pass the prompts to render")
-    if args.resume not in (None, "latest"):
-        check_resumable(Path(args.resume))
+    check_args(args)
     return args
 
 
 def read_config(text_or_path, parser):
-    """The spec's JSON object, checked key by key (type and range, as the flags are), as argparse defaults."""
+    """The spec's JSON object, checked key by key with the flag's own validator, as argparse defaults. A path must be
+    a regular file: a FIFO or a device would block the read, or never end it."""
+    if text_or_path.lstrip().startswith("{") or text_or_path.lstrip().startswith("["):
+        text = text_or_path
+    else:
+        path = Path(text_or_path)
+        if path.exists() and not path.is_file():
+            fail(f"--config '{text_or_path}' is not a regular file (a folder, a FIFO or a device); pass an inline "
+                 "object like '{\"resolution\": 256}' or the path of a .json file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            fail(f"--config '{text_or_path}' is neither a JSON object nor a readable file "
+                 f"({getattr(err, 'strerror', None) or err}); pass an inline object like '{{\"resolution\": 256}}' "
+                 "or the path of a .json file")
     try:
-        text = text_or_path if text_or_path.lstrip().startswith("{") else Path(text_or_path).read_text()
         config = json.loads(text)
-    except (OSError, UnicodeDecodeError) as err:
-        fail(f"--config '{text_or_path}' is neither a JSON object nor a readable file "
-             f"({getattr(err, 'strerror', None) or err}); pass an inline object like '{{\"resolution\": 256}}' "
-             "or the path of a .json file")
     except json.JSONDecodeError as err:
         fail(f"--config is not valid JSON ({err}); check quotes and commas")
     if not isinstance(config, dict):
         fail("--config must hold a JSON object; wrap the settings in { }")
+    actions = {action.dest: action for action in parser._actions}
     defaults = {}
     for key, value in config.items():
         if key not in SPEC_KEYS:
             fail(f"unknown key '{key}' in --config; use only {', '.join(SPEC_KEYS)} (other settings are flags)")
-        dest = snake_case(key)
-        expected = type(parser.get_default(dest))
+        action, flag = actions[snake_case(key)], "--" + snake_case(key).replace("_", "-")
+        expected = str if action.type is None else int if action.default.__class__ is int else float
         allowed = (int, float) if expected is float else expected
         if isinstance(value, bool) or not isinstance(value, allowed):
             json_type = {str: "string", int: "integer", float: "number"}[expected]
             fail(f"'{key}' in --config must be a JSON {json_type}, got {json.dumps(value)}; fix its value")
-        if expected is not str:
+        if action.type is not None:
             try:
-                value = (positive_int if expected is int else positive_float)(str(value))
+                value = action.type(str(value))
             except argparse.ArgumentTypeError as err:
-                fail(f"'{key}' in --config (--{dest.replace('_', '-')}) must be positive: {err}; fix its value")
-        defaults[dest] = expected(value)
+                fail(f"'{key}' in --config ({flag}): {err}; fix its value")
+        defaults[action.dest] = value
     return defaults
 
 
-# ---------------------------------------------------------------- checkpoints on disk
-def checkpoint_step(path):
-    """N for a folder named checkpoint-N, else None."""
-    suffix = Path(path).name.removeprefix(CHECKPOINT_PREFIX)
-    return int(suffix) if Path(path).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+def module_names(text):
+    """argparse type for --target-modules: comma-separated layer names like to_q,to_out.0."""
+    names = [name.strip() for name in text.split(",")]
+    if not all(re.fullmatch(r"[A-Za-z0-9_.]+", name) for name in names):
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer names like to_q,to_k,to_v,to_out.0, "
+                                         f"got '{text}'")
+    return names
 
 
-def checkpoint_problem(path):
-    """Why `path` is not a complete checkpoint-N written by this script, or None when it is one."""
-    path = Path(path)
-    if not path.is_dir():
-        return "is not a folder"
-    if checkpoint_step(path) is None:
-        if (path / CHECKPOINT_MARKER).is_file() or (path / "optimizer.bin").is_file():
-            return f"is not named {CHECKPOINT_PREFIX}N (rename it back to the {CHECKPOINT_PREFIX}N it was saved as)"
-        if (path / LORA_FILE).is_file() or (path / "result.json").is_file():
-            return (f"is a final output folder, not a {CHECKPOINT_PREFIX}N (it holds no optimizer state); pass one "
-                    f"of its {CHECKPOINT_PREFIX}N folders, or --resume latest with --output-dir {path}")
-        return f"is not named {CHECKPOINT_PREFIX}N"
+def lora_shape(args):
+    """What makes two LoRAs interchangeable: checkpoints and --init-lora must match it."""
+    return {"r": args.rank, "lora_alpha": args.lora_alpha, "target_modules": args.target_modules}
+
+
+def snake_case(key):
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", key).lower()
+
+
+def check_args(args):
+    """What can be refused before any image is read or model loaded."""
+    if args.resolution % 8:
+        fail(f"--resolution must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {args.resolution}; "
+             f"pass {max(8, args.resolution // 8 * 8)} or {args.resolution // 8 * 8 + 8}")
+    if args.validation_every and not args.validation_prompts:
+        fail("--validation-every needs --validation-prompts; pass the prompts to render")
+    if args.init_lora and args.resume:
+        fail("--init-lora and --resume both set where the LoRA starts; pass one (a checkpoint already holds its LoRA)")
+    check_output_dir(args.output_dir, "--output-dir")
+    if args.dataset_name is None and Path(args.output_dir).resolve().is_relative_to(Path(args.dataset_dir).resolve()):
+        fail(f"--output-dir {args.output_dir} is inside --dataset-dir {args.dataset_dir}: the next run would train on "
+             "its loss plot and validation images; pass an output folder outside the dataset")
+    if args.resume not in (None, "latest"):
+        problem = checkpoint_problem(Path(args.resume)) or shape_problem(Path(args.resume), args)
+        if problem:
+            fail(f"--resume {args.resume} {problem}; pass a {CHECKPOINT_PREFIX}N folder written by "
+                 "--checkpointing-steps, or 'latest'")
+    if args.init_lora is not None:
+        init_lora_file(args.init_lora)  # a missing file ends here; its tensors are checked against the UNet later
+
+
+# ---------------------------------------------------------------- models
+def load_components(model_id):
+    """The five parts of an SD v1.x pipeline, or one clear line naming the id that could not be loaded."""
     try:
-        marker = json.loads((path / CHECKPOINT_MARKER).read_text())
-    except (OSError, ValueError):
-        return (f"is not a complete checkpoint (no readable {CHECKPOINT_MARKER}: an interrupted write, or a "
-                "checkpoint from an older version of this script)")
-    missing = [name for name in (LORA_FILE, "optimizer.bin") if not (path / name).is_file()]
-    if missing or not isinstance(marker, dict) or marker.get("step") != checkpoint_step(path):
-        return f"is not a complete checkpoint ({', '.join(missing) or CHECKPOINT_MARKER} does not match)"
-    for key in ("r", "lora_alpha", "target_modules"):
-        if marker.get("lora", {}).get(key) != LORA_CONFIG[key]:
-            return (f"holds a LoRA with {key} {marker.get('lora', {}).get(key)}, this script trains "
-                    f"{key} {LORA_CONFIG[key]}")
-    return None
+        text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
+        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae")
+        unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
+        noise_scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
+        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        fail(f"could not load the Stable Diffusion model '{model_id}' ({reason}); "
+             "pass a hub id you can download (or have cached) or a local folder saved with save_pretrained")
+    # transformers 5 builds a special-tokens-only tokenizer from a folder without tokenizer files instead of failing.
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):
+        fail(f"could not load the Stable Diffusion model '{model_id}' (its tokenizer has no vocabulary); "
+             "pass a complete SD v1.x model folder or hub id")
+    if noise_scheduler.config.prediction_type != "epsilon":
+        fail(f"'{model_id}' predicts '{noise_scheduler.config.prediction_type}', not noise; "
+             "this quest trains epsilon-prediction SD v1.x models")
+    for part in (text_encoder, vae, unet):
+        part.requires_grad_(False)
+    return tokenizer, text_encoder, vae, unet, noise_scheduler
 
 
-def check_resumable(path):
-    problem = checkpoint_problem(path)
-    if problem:
-        fail(f"--resume {path} {problem}; pass a {CHECKPOINT_PREFIX}N folder written by --checkpointing-steps, "
-             "or 'latest'")
+def check_resolution_fits(resolution, vae, model_id):
+    """The VAE halves the image once per down block after the first; --resolution must be a multiple of that."""
+    factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    if resolution % factor:
+        fail(f"--resolution {resolution} is not a multiple of {factor}, the downsampling of '{model_id}''s VAE; "
+             f"pass a multiple of {factor}")
 
 
-def complete_checkpoints(output_dir):
-    """{step: folder} of the complete checkpoint-N folders in output_dir (temp and half-written ones left out)."""
-    folders = Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if Path(output_dir).is_dir() else []
-    return {checkpoint_step(p): p for p in folders if checkpoint_problem(p) is None}
+@torch.no_grad()
+def embed_captions(tokenizer, text_encoder, captions, device, batch_size=32):
+    """The text embedding of every distinct caption, computed once (captions never change): [captions, 77, dim]."""
+    text_encoder.to(device)
+    embeddings = []
+    for start in range(0, len(captions), batch_size):
+        ids = tokenizer(captions[start:start + batch_size], padding="max_length", truncation=True,
+                        max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
+        embeddings.append(text_encoder(ids.to(device))[0])
+    return torch.cat(embeddings)
 
 
-def latest_checkpoint(output_dir):
-    steps = complete_checkpoints(output_dir)
-    return steps[max(steps)] if steps else None
+def weight_dtype(accelerator):
+    return MIXED_PRECISION_DTYPES.get(accelerator.mixed_precision, torch.float32)
+
+
+def add_lora(unet, args, accelerator):
+    """Frozen UNet in the training dtype, LoRA adapters on the --target-modules layers, trainable in fp32."""
+    unet.to(accelerator.device, dtype=weight_dtype(accelerator))
+    try:  # diffusers' way; keys stay loadable by load_lora_weights
+        unet.add_adapter(LoraConfig(**lora_shape(args), lora_dropout=args.lora_dropout, bias="none"))
+    except ValueError as err:  # peft: a name that matches no layer, or a layer type it cannot adapt
+        fail(f"--target-modules {','.join(args.target_modules)} does not fit this UNet "
+             f"({str(err).strip().splitlines()[0][:200]}); pass names of its Linear or Conv2d layers, "
+             "e.g. to_q,to_k,to_v,to_out.0")
+    # fp16 trainable weights would make the grad scaler fail ("Attempting to unscale FP16 gradients").
+    cast_training_params(unet, dtype=torch.float32)
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def diffusers_lora_tensors(unet):
+    """{'unet.<module>.lora.down.weight' / '.lora.up.weight': tensor}: diffusers' LoRA layout."""
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    return {f"unet.{key}": tensor.detach().float().cpu().contiguous() for key, tensor in state.items()}
+
+
+def kohya_lora_tensors(unet):
+    """The same LoRA in kohya's layout, which AUTOMATIC1111, Forge and ComfyUI read:
+    lora_unet_<module path, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha (alpha = lora_alpha,
+    a 0-d tensor; without it those tools assume alpha = r and apply the LoRA at half strength)."""
+    tensors = {}
+    for key, tensor in get_peft_model_state_dict(unet).items():
+        module, kind = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key).groups()
+        name = "lora_unet_" + module.replace(".", "_")
+        tensors[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = (
+            tensor.detach().float().cpu().contiguous())
+        tensors[f"{name}.alpha"] = torch.tensor(float(unet.peft_config["default"].lora_alpha))
+    return tensors
+
+
+def peft_key_of_kohya(unet):
+    """{kohya tensor name: the UNet adapter's PEFT state-dict key}, the inverse of kohya_lora_tensors' naming
+    (built from the UNet, since underscores in kohya names are ambiguous)."""
+    names = {}
+    for key in get_peft_model_state_dict(unet):
+        module, kind = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key).groups()
+        names[f"lora_unet_{module.replace('.', '_')}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = key
+    return names
+
+
+def save_lora(unet, directory, kohya_keys=None):
+    """pytorch_lora_weights.safetensors with its adapter config (so it reloads at its trained strength), and with
+    kohya_keys (kohya_metadata's ss_* keys) the same LoRA for AUTOMATIC1111/Forge/ComfyUI; each written atomically."""
+    config = unet.peft_config["default"]
+    adapter = config.to_dict()  # without lora_alpha diffusers assumes alpha = r: half strength
+    # Dropout only acts in training; loaded layers come up in train mode, so keeping it would make inference random.
+    # The trained value is kept beside it, under its own key.
+    adapter["lora_dropout"] = 0.0
+    adapter = {f"unet.{key}": sorted(value) if isinstance(value, set) else value for key, value in adapter.items()}
+    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True),
+                "training_lora_dropout": str(config.lora_dropout)}
+    write_atomically(Path(directory) / LORA_FILE, safetensors.torch.save(diffusers_lora_tensors(unet), metadata))
+    if kohya_keys is not None:
+        tensors = kohya_lora_tensors(unet)
+        model_hash, legacy_hash = addnet_hashes(tensors, kohya_keys)
+        write_atomically(Path(directory) / KOHYA_FILE, safetensors.torch.save(tensors, {
+            "format": "pt", **kohya_keys, "sshs_model_hash": model_hash, "sshs_legacy_hash": legacy_hash}))
+
+
+def kohya_metadata(args, unet, captions_per_image, dataset_label):
+    """The ss_* keys kohya's sd-scripts writes (train_network.py) that AUTOMATIC1111's Lora extension shows: its name
+    (ss_output_name, the output folder's), its tags with their counts over the training images (ss_tag_frequency:
+    each caption split at commas, stripped and lower-cased, kohya's rule), resolution, image count, base model,
+    network shape. Values are strings, as kohya writes them."""
+    tags = {}
+    for caption in captions_per_image:
+        for tag in caption.split(","):
+            if tag.strip():
+                tags[tag.strip().lower()] = tags.get(tag.strip().lower(), 0) + 1
+    model = args.model_id
+    config = unet.peft_config["default"]
+    return {"ss_output_name": Path(args.output_dir).resolve().name,
+            "ss_tag_frequency": json.dumps({dataset_label: tags}),
+            "ss_resolution": str((args.resolution, args.resolution)),
+            "ss_num_train_images": str(len(captions_per_image)),
+            "ss_sd_model_name": Path(model).name if Path(model).exists() else model,
+            "ss_base_model_version": "sd_v1", "ss_v2": "False",
+            "ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
+            "ss_network_alpha": str(float(config.lora_alpha)), "ss_network_dropout": str(config.lora_dropout),
+            "ss_network_args": json.dumps({"target_modules": sorted(config.target_modules)}),
+            "ss_caption_dropout_rate": str(args.caption_dropout),
+            "ss_training_comment": "quest_7_2.py: a LoRA on the UNet of a Stable Diffusion v1.x model"}
+
+
+def addnet_hashes(tensors, metadata):
+    """(sshs_model_hash, sshs_legacy_hash) as kohya's train_util.precalculate_safetensors_hashes computes them: the
+    file saved with only its ss_* metadata; the model hash is the SHA-256 of everything after the safetensors header
+    (A1111's hashes.addnet_hash_safetensors, which it reads from sshs_model_hash instead of hashing the file), the
+    legacy hash the first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB."""
+    data = safetensors.torch.save(tensors, {key: value for key, value in metadata.items() if key.startswith("ss_")})
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    return hashlib.sha256(data[header_end:]).hexdigest(), hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+
+
+def load_lora(unet, directory):
+    """Put the LoRA weights saved by save_lora back into the UNet's training adapter (for --resume)."""
+    state_dict, _ = StableDiffusionPipeline.lora_state_dict(directory)
+    unet_state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
+    set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state_dict), adapter_name="default")
+
+
+def init_lora_file(path):
+    """--init-lora: the file itself, or the diffusers file (else the kohya file) of an output folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = next((path / name for name in (LORA_FILE, KOHYA_FILE) if (path / name).is_file()), path / LORA_FILE)
+    if not path.is_file():
+        fail(f"--init-lora {path} is not a file; pass a {LORA_FILE} or {KOHYA_FILE}, or the folder holding one")
+    try:  # the header only: a file that is no safetensors at all is refused before the model loads
+        with safe_open(path, "pt") as file:
+            file.keys()
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file raises several types
+        fail(f"--init-lora {path} does not load as safetensors ({str(err).strip()[:200]}); pass a LoRA file this "
+             "script wrote")
+    return path
+
+
+def init_lora(unet, path, args):
+    """Start the adapter from a finished LoRA (this script's diffusers or kohya file) instead of zero. It must have
+    this run's shape (--rank, --lora-alpha, --target-modules) and finite weights; otherwise one line says which."""
+    try:
+        with safe_open(path, "pt") as file:
+            metadata = file.metadata() or {}
+        tensors = safetensors.torch.load_file(path)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file raises several types
+        fail(f"--init-lora {path} does not load as safetensors ({str(err).strip()[:200]}); pass a LoRA file this "
+             "script wrote")
+    expected = get_peft_model_state_dict(unet)
+    if any(key.startswith("lora_unet_") for key in tensors):  # kohya: per-module alpha tensors
+        alphas = {float(t) for key, t in tensors.items() if key.endswith(".alpha")}
+        kohya_names = peft_key_of_kohya(unet)
+        found = {kohya_names.get(key, key): t for key, t in tensors.items() if not key.endswith(".alpha")}
+    else:  # diffusers: unet.<module>.lora.down/up.weight, alpha in the adapter metadata
+        adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
+        alphas = {float(adapter["unet.lora_alpha"])} if "unet.lora_alpha" in adapter else set()
+        found = {re.sub(r"\.lora\.(down|up)\.weight$", lambda m: f".lora_{'A' if m[1] == 'down' else 'B'}.weight",
+                        key.removeprefix("unet.")): t for key, t in tensors.items()}
+    if set(found) != set(expected):
+        fail(f"--init-lora {path} adapts other layers than this run ({len(set(found) ^ set(expected))} tensors "
+             f"differ); pass the --target-modules and --model-id it was trained with")
+    wrong_rank = next((t.shape[0 if key.endswith("lora_A.weight") else 1] for key, t in found.items()
+                       if t.shape != expected[key].shape), None)
+    if wrong_rank is not None:
+        fail(f"--init-lora {path} has rank {wrong_rank}; pass --rank {wrong_rank}")
+    if alphas and alphas != {float(args.lora_alpha)}:
+        fail(f"--init-lora {path} was trained with lora_alpha {min(alphas):g}; pass --lora-alpha {min(alphas):g}")
+    set_peft_model_state_dict(unet, found, adapter_name="default")
+    try:
+        check_weights(unet, list(get_peft_model_state_dict(unet).values()), step=0)
+    except Diverged as err:
+        fail(f"--init-lora {path} is not usable ({str(err).replace(' at step 0', '')}); pass a LoRA from a run that "
+             "did not diverge")
+
+
+def checkpoint_only_lora(accelerator):
+    """accelerator.save_state/load_state write the LoRA (megabytes), not the whole frozen UNet (gigabytes)."""
+    def save_hook(models, weights, directory):
+        if accelerator.is_main_process:
+            save_lora(accelerator.unwrap_model(models[0]), directory)
+        weights.clear()
+
+    def load_hook(models, directory):
+        load_lora(accelerator.unwrap_model(models.pop()), directory)
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
 
 
 # ---------------------------------------------------------------- data
+def visible_files(folder, keep):
+    """The files under folder (subfolders included, hidden ones skipped) for which keep(path) holds, sorted."""
+    return sorted(path for path in folder.rglob("*") if keep(path) and path.is_file()
+                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+
+
 def find_images(dataset_dir):
     """The image files of datasetDir (sorted, subfolders included, hidden files skipped), or one clear line."""
     folder = Path(dataset_dir)
     if not folder.is_dir():
         fail(f"datasetDir '{dataset_dir}' is not a folder; pass --dataset-dir with your palette images")
-    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
-                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    files = visible_files(folder, lambda path: path.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         fail(f"no images found in datasetDir '{dataset_dir}'; put .png or .jpg files there")
     return files
+
+
+def read_utf8(path, what):
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        fail(f"{what} {path} is not UTF-8 (byte 0x{err.object[err.start]:02x} at position {err.start}); save it as "
+             "UTF-8 text")
+    except OSError as err:
+        fail(f"could not read {what} {path} ({err.strerror or err}); check the file")
+
+
+def txt_caption(path):
+    """kohya's convention: image.txt beside image.png holds the image's caption, on its first line."""
+    lines = [line.strip() for line in read_utf8(path, "caption file").splitlines() if line.strip()]
+    if not lines:
+        fail(f"caption file {path} is empty; write the image's caption in it, or delete it (the image then gets "
+             "--train-prompt)")
+    return lines[0]
+
+
+def caption_value(value, caption_column, where):
+    """A caption cell as datasets holds it: a string, or a list of strings (the first is taken, as diffusers'
+    train_text_to_image_lora.py does outside training)."""
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        value = value[0]
+    if not isinstance(value, str):
+        fail(f"{where} has a '{caption_column}' that is not a string ({json.dumps(value)[:60]}); write the caption "
+             "as a JSON string")
+    return value.strip()
+
+
+def metadata_captions(folder, images, caption_column):
+    """datasets' imagefolder convention: a metadata.jsonl (in the folder or a subfolder) holds one JSON object per
+    line, {"file_name": <image path relative to that metadata.jsonl>, "<caption column>": caption}. Every line is
+    checked; a bad one ends the run naming the file and the line. Returns {image path: caption}."""
+    known, captions = set(images), {}
+    example = f'{{"file_name": "a.png", "{caption_column}": "a caption"}}'
+    for metadata in visible_files(folder, lambda path: path.name == "metadata.jsonl"):
+        for number, line in enumerate(read_utf8(metadata, "metadata file").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{metadata} line {number}"
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                fail(f"{where} is not JSON ({err.msg}); write one object per line, like {example}")
+            if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
+                fail(f"{where} has no \"file_name\" string; write one object per line, like {example}")
+            image = Path(os.path.normpath(metadata.parent / row["file_name"]))
+            if image not in known:
+                what = "is not an image file" if image.is_file() else "does not exist"
+                fail(f"{where} names {row['file_name']}, which {what} in {metadata.parent}; fix the file_name or "
+                     "remove the line")
+            if caption_column not in row:
+                fail(f"{where} has no '{caption_column}' column (it has {', '.join(map(str, row)) or 'none'}); "
+                     "pass --caption-column with the one that holds the captions")
+            if image in captions:
+                fail(f"{where} names {row['file_name']} a second time; keep one line per image")
+            captions[image] = caption_value(row[caption_column], caption_column, where)
+    return captions
+
+
+def read_folder(args):
+    """(image paths, each one's caption, where the captions came from) for --dataset-dir. A caption comes from
+    image.txt if there is one, else from a metadata.jsonl line, else it is --train-prompt."""
+    files = find_images(args.dataset_dir)
+    from_metadata = metadata_captions(Path(args.dataset_dir), files, args.caption_column)
+    captions, sources = [], {"txt": 0, "metadata.jsonl": 0, "--train-prompt": 0}
+    for path in files:
+        if path.with_suffix(".txt").is_file():
+            captions.append(txt_caption(path.with_suffix(".txt")))
+            sources["txt"] += 1
+        elif path in from_metadata:
+            captions.append(from_metadata[path])
+            sources["metadata.jsonl"] += 1
+        else:
+            captions.append(args.train_prompt)
+            sources["--train-prompt"] += 1
+    return files, captions, sources
+
+
+def read_hub_dataset(args):
+    """(each image as (name, file-like or path), each one's caption, where the captions came from) for
+    --dataset-name, loaded as diffusers' train_text_to_image_lora.py loads it; offline or unknown: one line."""
+    import datasets  # here, not at the top: it (and pyarrow) take ~0.6 s to import, and only --dataset-name uses it
+
+    datasets.utils.logging.set_verbosity_error()
+    datasets.utils.logging.disable_progress_bar()
+    name = args.dataset_name
+    try:
+        dataset = datasets.load_dataset(name, split="train")
+    except Exception as err:  # noqa: BLE001 - offline, unknown name, no train split, a broken file: all one line
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        offline = isinstance(err, ConnectionError) or "offline" in reason.lower()
+        fail(f"--dataset-name {name} could not be loaded ({reason}); "
+             + ("connect to the internet (or unset HF_HUB_OFFLINE), or pass --dataset-dir with a local folder"
+                if offline else "check the name, or pass --dataset-dir with a local folder"))
+    for flag, column in (("--image-column", args.image_column), ("--caption-column", args.caption_column)):
+        if column not in dataset.column_names:
+            fail(f"--dataset-name {name} has no column '{column}' (it has {', '.join(dataset.column_names)}); "
+                 f"pass {flag} with the right one")
+    if len(dataset) == 0:
+        fail(f"--dataset-name {name} has no rows in its train split; pass another dataset")
+    dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))  # decoded and checked below
+    sources, images, captions = {"--caption-column": 0, "--train-prompt": 0}, [], []
+    for index, row in enumerate(dataset):
+        cell = row[args.image_column]
+        images.append((f"{name} row {index}", io.BytesIO(cell["bytes"]) if cell.get("bytes") else cell["path"]))
+        caption = row[args.caption_column]
+        if caption is None:
+            captions.append(args.train_prompt)
+            sources["--train-prompt"] += 1
+        else:
+            captions.append(caption_value(caption, args.caption_column, f"--dataset-name {name} row {index}"))
+            sources["--caption-column"] += 1
+    return images, captions, sources
+
 
 
 def to_rgb(image):
@@ -345,40 +639,55 @@ def to_rgb(image):
     return image.convert("RGB")
 
 
-def decode_image(path, resolution):
-    """One image fully decoded, upright, RGB, resized and center-cropped; a bad file ends the run naming it."""
+def decode_image(source, resolution, name=None):
+    """One image (a path, or a file object called `name`) fully decoded, upright, RGB, resized and center-cropped;
+    a bad file ends the run naming it."""
+    name = source if name is None else name
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with Image.open(source) as image:
                 image.load()
                 rgb = to_rgb(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        fail(f"image {path} is too large to decode safely ({str(err).rstrip('.')}); shrink it or remove it "
-             "from the dataset folder")
+        fail(f"image {name} is too large to decode safely ({str(err).rstrip('.')}); shrink it or remove it "
+             "from the dataset")
     except Exception as err:  # noqa: BLE001 - PIL raises many types for broken files; every one means "corrupt"
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        fail(f"image {path} is corrupt or not an image ({reason}); replace it or remove it from the dataset folder")
+        fail(f"image {name} is corrupt or not an image ({reason}); replace it or remove it from the dataset")
     return transforms.CenterCrop(resolution)(transforms.Resize(resolution)(rgb))
 
 
 def load_palette(files, resolution):
-    """Every image decoded up front, before any model loads: a bad file costs seconds, not a model load."""
-    return [decode_image(path, resolution) for path in tqdm(files, desc="reading images", leave=False, disable=None)]
+    """Every image decoded up front, before any model loads: a bad file costs seconds, not a model load. files: paths,
+    or (name, file object or path) pairs."""
+    named = [(None, file) if isinstance(file, Path) else file for file in files]
+    return [decode_image(source, resolution, name)
+            for name, source in tqdm(named, desc="reading images", leave=False, disable=None)]
+
+
+def caption_table(captions, args):
+    """(the distinct final captions, each image's index into them, each image's final caption): the trigger word goes
+    in front of every caption; with --caption-dropout the empty caption is appended as the last entry."""
+    final = [f"{args.trigger_word}, {caption}" if args.trigger_word and caption else args.trigger_word or caption
+             for caption in captions]
+    distinct = list(dict.fromkeys(final))
+    index = {caption: i for i, caption in enumerate(distinct)}
+    return distinct + ([""] if args.caption_dropout else []), [index[caption] for caption in final], final
 
 
 class Pixels(Dataset):
-    """The decoded images as the spec's normalized tensors (for --no-cache-latents)."""
+    """The decoded images as the spec's normalized tensors, each with its caption's index (--no-cache-latents)."""
 
-    def __init__(self, images):
-        self.images = images
+    def __init__(self, images, caption_ids):
+        self.images, self.caption_ids = images, caption_ids
         self.to_tensor = transforms.Compose([transforms.ToTensor(), transforms.Normalize([0.5], [0.5])])
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, index):
-        return self.to_tensor(self.images[index])
+        return self.to_tensor(self.images[index]), self.caption_ids[index]
 
 
 @torch.no_grad()
@@ -387,16 +696,20 @@ def cache_latent_distributions(images, vae, device):
 
     Storing the distribution, not one sample, keeps the randomness of the uncached loop: each step still
     draws its own latent sample and its own flip."""
-    pixels = Pixels(images)
+    pixels = Pixels(images, [0] * len(images))
     cache = []
     for index in tqdm(range(len(pixels)), desc="caching latents", leave=False, disable=None):
-        image = pixels[index].to(device)
+        image = pixels[index][0].to(device)
         cache.append(vae.encode(torch.stack([image, image.flip(-1)])).latent_dist.parameters.cpu())
     return torch.stack(cache)
 
 
-def make_dataloader(images, vae, args, device):
-    dataset = TensorDataset(cache_latent_distributions(images, vae, device)) if args.cache_latents else Pixels(images)
+def make_dataloader(images, caption_ids, vae, args, device):
+    """Batches of (cached posteriors or pixels, caption index). The VAE is used here only when caching."""
+    if args.cache_latents:
+        dataset = TensorDataset(cache_latent_distributions(images, vae, device), torch.tensor(caption_ids))
+    else:
+        dataset = Pixels(images, caption_ids)
     # Its own generator: starting an epoch must not draw from the global RNG that the training step uses
     # (flips, latent samples, noise, timesteps, dropout), or a resumed run would drift off the uninterrupted one.
     return DataLoader(dataset, batch_size=args.train_batch_size, shuffle=True,
@@ -442,125 +755,419 @@ def make_accelerator(args, device):
     return accelerator
 
 
-# ---------------------------------------------------------------- models
-def load_components(model_id):
-    """The five parts of an SD v1.x pipeline, or one clear line naming the id that could not be loaded."""
+# ---------------------------------------------------------------- training
+class Diverged(Exception):
+    """The training loss, or the LoRA weights after an optimizer step, stopped being finite or blew up."""
+
+
+def batch_posteriors(images, cached, vae):
+    """The VAE posteriors of a batch after a random horizontal flip of each image. cached: `images` holds the
+    posteriors of both flips, encoded once before training; else `images` holds pixels and the VAE encodes them now.
+    Both paths draw the same random numbers, so caching changes the speed, not the training run."""
+    flip = torch.randint(0, 2, (len(images),), device=images.device)
+    if cached:  # [image, 2 flips, posterior parameters, h, w]
+        return DiagonalGaussianDistribution(images[torch.arange(len(images), device=images.device), flip])
+    with torch.no_grad():
+        return vae.encode(torch.where(flip.bool().view(-1, 1, 1, 1), images.flip(-1), images)).latent_dist
+
+
+def training_loss(prediction, noise, timesteps, noise_scheduler, snr_gamma):
+    """MSE between predicted and true noise; with snr_gamma, Min-SNR weighted per image (Hang et al. 2023) exactly as
+    diffusers' train_text_to_image_lora.py does it for epsilon prediction: min(SNR, gamma) / SNR."""
+    if snr_gamma is None:
+        return F.mse_loss(prediction.float(), noise.float())
+    snr = compute_snr(noise_scheduler, timesteps)
+    weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
+    per_image = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
+    return (per_image * weights).mean()
+
+
+def check_weights(unet, lora_parameters, step):
+    """Before anything is saved or rendered: the loss is computed before the optimizer step, so weights that blow up
+    on the last step would pass a loss check. Finite is not enough: one step at a huge lr leaves finite weights whose
+    product B @ A swamps the layer it adapts, so each adapted layer's update must stay within MAX_LORA_GROWTH times
+    its frozen weight (bounded by the norms, ||B @ A|| <= ||B|| ||A||, so no product is formed)."""
+    if not all_finite(lora_parameters):
+        raise Diverged(f"the LoRA weights became NaN or infinite at step {step}")
+    for name, layer in unet.named_modules():
+        if hasattr(layer, "lora_A") and "default" in layer.lora_A:
+            bound = layer.scaling["default"] * (torch.linalg.norm(layer.lora_B["default"].weight.float())
+                                                * torch.linalg.norm(layer.lora_A["default"].weight.float()))
+            if not bound <= MAX_LORA_GROWTH * torch.linalg.norm(layer.base_layer.weight.float()):
+                raise Diverged(f"the LoRA weights blew up at step {step} (the update of {name} is over "
+                               f"{MAX_LORA_GROWTH:g}x the layer it adapts)")
+
+
+def train(args, accelerator, unet, optimizer, dataloader, lora_parameters, noise_scheduler, text_embeddings, vae,
+          latent_scale, start_step, loss_rows, validation_pipeline=None):
+    """The spec's loop: latents, noise, noisy latents, UNet predicts the noise, MSE, step every N batches.
+
+    text_embeddings[i] is caption i's embedding (computed once); vae encodes pixels when the latents are not cached
+    (args.cache_latents); latent_scale is the VAE's scaling_factor. Checkpoints every --checkpointing-steps,
+    validation images every --validation-every (with validation_pipeline). Returns the run's figures; its loss rows
+    continue `loss_rows`."""
+    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    step, loss_rows = start_step, list(loss_rows)
+    first_epoch, batches_to_skip = divmod(step, steps_per_epoch)
+    epoch_loss = None  # stays None only when a resumed run has no steps left
+
+    progress = tqdm(total=max_steps, initial=step, desc="steps",
+                    disable=None if accelerator.is_local_main_process else True)  # None: only on a terminal
+    try:  # the bar ends its line before any message that follows (Ctrl-C, divergence)
+        for epoch in range(first_epoch, num_epochs):
+            if step >= max_steps:
+                break
+            unet.train()
+            dataloader.set_epoch(epoch)
+            batches = dataloader
+            if epoch == first_epoch and batches_to_skip:  # resuming mid-epoch: skip what the checkpoint already saw
+                batches = accelerator.skip_first_batches(dataloader, batches_to_skip * args.gradient_accumulation_steps)
+            epoch_losses, batch_losses = [], []
+            for images, caption_ids in batches:
+                with accelerator.accumulate(unet):
+                    latents = batch_posteriors(images, args.cache_latents, vae).sample() * latent_scale
+                    noise = torch.randn_like(latents)
+                    if args.noise_offset:  # drawn only when asked for: the default run keeps the spec's random numbers
+                        noise = noise + args.noise_offset * torch.randn(
+                            (*latents.shape[:2], 1, 1), device=latents.device, dtype=latents.dtype)
+                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),),
+                                              device=latents.device)
+                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+                    if args.caption_dropout:  # drawn only when asked for, like the noise offset; "" is the last entry
+                        dropped = torch.rand(len(caption_ids), device=caption_ids.device) < args.caption_dropout
+                        caption_ids = torch.where(dropped, len(text_embeddings) - 1, caption_ids)
+                    prediction = unet(noisy_latents, timesteps, text_embeddings[caption_ids]).sample
+                    loss = training_loss(prediction, noise, timesteps, noise_scheduler, args.snr_gamma)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and args.max_grad_norm:
+                        accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                batch_losses.append(loss.detach().float())
+                if not accelerator.sync_gradients:
+                    continue
+                step += 1  # an optimizer step happened
+                step_loss = accelerator.reduce(torch.stack(batch_losses).mean(), reduction="mean").item()
+                batch_losses = []
+                if not math.isfinite(step_loss):
+                    raise Diverged(f"the training loss became {step_loss} at step {step}")
+                loss_rows.append((step, step_loss))
+                epoch_losses.append(step_loss)
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.4f}")
+                if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                    check_weights(accelerator.unwrap_model(unet), lora_parameters, step)
+                    save_checkpoint(args, accelerator, step, loss_rows)
+                if args.validation_every and step % args.validation_every == 0:
+                    check_weights(accelerator.unwrap_model(unet), lora_parameters, step)
+                    render_during_training(validation_pipeline, args, accelerator, unet, step)
+                if step >= max_steps:
+                    break
+            if epoch_losses:
+                epoch_loss = sum(epoch_losses) / len(epoch_losses)
+                if accelerator.is_main_process:
+                    tqdm.write(f"epoch {epoch + 1}/{num_epochs}: loss {epoch_loss:.4f}")
+    finally:
+        progress.close()
+    check_weights(accelerator.unwrap_model(unet), lora_parameters, step)  # before the final save
+    return {"steps": step, "epochsCompleted": step // steps_per_epoch, "finalLoss": epoch_loss, "lossRows": loss_rows}
+
+
+# ---------------------------------------------------------------- checkpoints: written whole, read back checked
+def checkpoint_step(path):
+    """N for a folder named checkpoint-N, else None."""
+    suffix = Path(path).name.removeprefix(CHECKPOINT_PREFIX)
+    return int(suffix) if Path(path).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+
+
+def marker_problem(marker, step):
+    """Why a checkpoint.json's content is not one this script wrote for `step` (types, ranges), or None."""
+    if not isinstance(marker, dict):
+        return "is not a JSON object"
+    lora = marker.get("lora")
+    fields = {"step": isinstance(marker.get("step"), int) and marker.get("step") == step,
+              "lora": isinstance(lora, dict),
+              "lora.r": isinstance(lora, dict) and type(lora.get("r")) is int and lora.get("r") >= 1,
+              "lora.lora_alpha": isinstance(lora, dict) and type(lora.get("lora_alpha")) in (int, float)
+              and math.isfinite(lora.get("lora_alpha")) and lora.get("lora_alpha") > 0,
+              "lora.target_modules": isinstance(lora, dict) and isinstance(lora.get("target_modules"), list)
+              and all(isinstance(name, str) and name for name in lora.get("target_modules")),
+              "learningRate": type(marker.get("learningRate")) in (int, float)
+              and math.isfinite(marker.get("learningRate")) and marker.get("learningRate") > 0,
+              "numProcesses": type(marker.get("numProcesses")) is int and marker.get("numProcesses") >= 1,
+              "modelId": isinstance(marker.get("modelId"), str)}
+    wrong = [name for name, ok in fields.items() if not ok]
+    return f"has a wrong or missing '{wrong[0]}'" if wrong else None
+
+
+def checkpoint_damage(path):
+    """Why the files of a checkpoint-N folder cannot be trusted (they do not load, or hold non-finite weights), or
+    None. Read for content, not existence: a truncated file or a hand-edited marker is found here, not mid-resume."""
     try:
-        text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
-        noise_scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
-        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+        marker = json.loads((path / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        fail(f"could not load the Stable Diffusion model '{model_id}' ({reason}); "
-             "pass a hub id you can download (or have cached) or a local folder saved with save_pretrained")
-    # transformers 5 builds a special-tokens-only tokenizer from a folder without tokenizer files instead of failing.
-    if len(tokenizer) <= len(tokenizer.all_special_tokens):
-        fail(f"could not load the Stable Diffusion model '{model_id}' (its tokenizer has no vocabulary); "
-             "pass a complete SD v1.x model folder or hub id")
-    if noise_scheduler.config.prediction_type != "epsilon":
-        fail(f"'{model_id}' predicts '{noise_scheduler.config.prediction_type}', not noise; "
-             "this quest trains epsilon-prediction SD v1.x models")
-    for part in (text_encoder, vae, unet):
-        part.requires_grad_(False)
-    return tokenizer, text_encoder, vae, unet, noise_scheduler
+        return f"its {CHECKPOINT_MARKER} does not load ({getattr(err, 'strerror', None) or err})"
+    problem = marker_problem(marker, checkpoint_step(path))
+    if problem:
+        return f"its {CHECKPOINT_MARKER} {problem}"
+    try:
+        lora = safetensors.torch.load_file(path / LORA_FILE)
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file raises several types
+        return f"its {LORA_FILE} does not load ({str(err).strip().splitlines()[0] if str(err).strip() else err!r})"
+    if not lora or not all_finite(lora.values()):
+        return f"its {LORA_FILE} holds no weights or non-finite ones"
+    for name in ["optimizer.bin", *sorted(p.name for p in path.glob("random_states_*.pkl"))]:
+        try:  # our own files, as accelerate.load_state would read them (the RNG states need full unpickling)
+            torch.load(path / name, map_location="cpu", weights_only=name == "optimizer.bin")
+        except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            return f"its {name} does not load ({reason[:120]})"
+    if not (path / "random_states_0.pkl").is_file():
+        return "it has no random_states_0.pkl"
+    return read_loss_csv(path / LOSS_LOG, checkpoint_step(path))[1]
 
 
-@torch.no_grad()
-def embed_prompt(tokenizer, text_encoder, prompt, device):
-    """The training prompt's text embedding, computed once: the caption never changes."""
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder.to(device)(ids.to(device))[0]
+def checkpoint_problem(path):
+    """Why `path` is not a checkpoint-N this run can resume from (name, completeness, content, LoRA shape), or None."""
+    path = Path(path)
+    if not path.is_dir():
+        return "is not a folder"
+    if checkpoint_step(path) is None:
+        if (path / CHECKPOINT_MARKER).is_file() or (path / "optimizer.bin").is_file():
+            return f"is not named {CHECKPOINT_PREFIX}N (rename it back to the {CHECKPOINT_PREFIX}N it was saved as)"
+        if (path / LORA_FILE).is_file() or (path / RESULT_FILE).is_file():
+            return (f"is a final output folder, not a {CHECKPOINT_PREFIX}N (it holds no optimizer state); pass one "
+                    f"of its {CHECKPOINT_PREFIX}N folders, or --resume latest with --output-dir {path}")
+        return f"is not named {CHECKPOINT_PREFIX}N"
+    if not (path / CHECKPOINT_MARKER).is_file():
+        return (f"is not a complete checkpoint (no {CHECKPOINT_MARKER}: an interrupted write, or a checkpoint from an "
+                "older version of this script)")
+    damage = checkpoint_damage(path)
+    return f"is damaged: {damage}" if damage else None
 
 
-def weight_dtype(accelerator):
-    return MIXED_PRECISION_DTYPES.get(accelerator.mixed_precision, torch.float32)
+def shape_problem(path, args):
+    """Why the intact checkpoint `path` holds a LoRA of another shape than this run's flags ask for, or None."""
+    lora = json.loads((path / CHECKPOINT_MARKER).read_text(encoding="utf-8"))["lora"]
+    for (key, wanted), flag in zip(lora_shape(args).items(), ("--rank", "--lora-alpha", "--target-modules")):
+        if lora[key] != wanted:
+            saved = ",".join(lora[key]) if isinstance(lora[key], list) else f"{lora[key]:g}"
+            return f"holds a LoRA with {key} {saved}, this run asks for another; pass {flag} {saved}"
+    return None
 
 
-def add_lora(unet, accelerator, gradient_checkpointing):
-    """Frozen UNet in the training dtype, LoRA adapters on its attention projections, trainable in fp32."""
-    unet.to(accelerator.device, dtype=weight_dtype(accelerator))
-    unet.add_adapter(LoraConfig(**LORA_CONFIG))  # diffusers' way; keys stay loadable by load_lora_weights
-    # fp16 trainable weights would make the grad scaler fail ("Attempting to unscale FP16 gradients").
-    cast_training_params(unet, dtype=torch.float32)
-    if gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    return [p for p in unet.parameters() if p.requires_grad]
+def finished_checkpoints(output_dir):
+    """{step: folder} of the checkpoint-N folders in output_dir that were completed (their marker written last);
+    temp folders and ones cut off by older versions are left out. Their content is checked only when used."""
+    folders = Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if Path(output_dir).is_dir() else []
+    return {checkpoint_step(p): p for p in folders
+            if checkpoint_step(p) is not None and (p / CHECKPOINT_MARKER).is_file()}
 
 
-def diffusers_lora_tensors(unet):
-    """{'unet.<module>.lora.down.weight' / '.lora.up.weight': tensor}: diffusers' LoRA layout."""
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    return {f"unet.{key}": tensor.detach().float().cpu().contiguous() for key, tensor in state.items()}
+def newest_intact_checkpoint(output_dir):
+    """(the newest finished checkpoint that passes checkpoint_problem or None, [(newer folder, its problem)])."""
+    skipped = []
+    for step, folder in sorted(finished_checkpoints(output_dir).items(), reverse=True):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    return None, skipped
 
 
-def kohya_lora_tensors(unet):
-    """The same LoRA in kohya's layout, which AUTOMATIC1111, Forge and ComfyUI read:
-    lora_unet_<module path, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha (alpha = lora_alpha,
-    a 0-d tensor; without it those tools assume alpha = r and apply the LoRA at half strength)."""
-    tensors = {}
-    for key, tensor in get_peft_model_state_dict(unet).items():
-        module, kind = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key).groups()
-        name = "lora_unet_" + module.replace(".", "_")
-        tensors[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = (
-            tensor.detach().float().cpu().contiguous())
-        tensors[f"{name}.alpha"] = torch.tensor(float(LORA_CONFIG["lora_alpha"]))
-    return tensors
+def resume_checkpoint(args):
+    """The folder --resume names (checked in check_args), the newest intact one for 'latest', or None. A damaged
+    newest checkpoint is never skipped silently: the run stops and names the newest intact one."""
+    if args.resume is None:
+        return None
+    if args.resume != "latest":
+        return Path(args.resume)
+    intact, skipped = newest_intact_checkpoint(args.output_dir)
+    if skipped:
+        folder, problem = skipped[0]
+        instead = (f"pass --resume {intact} to continue from the newest intact one" if intact is not None
+                   else "no intact checkpoint is left: run without --resume to start again")
+        fail(f"--resume latest: the newest checkpoint {folder} {problem}; {instead} (or delete {folder.name})")
+    problem = intact and shape_problem(intact, args)
+    if problem:
+        fail(f"--resume latest: {intact} {problem}")
+    return intact
 
 
-def save_lora(unet, directory, kohya=False):
-    """pytorch_lora_weights.safetensors with its adapter config (so it reloads at its trained strength), and with
-    kohya=True the same LoRA for AUTOMATIC1111/Forge/ComfyUI; each written atomically."""
-    adapter = unet.peft_config["default"].to_dict()  # without lora_alpha diffusers assumes alpha = r: half strength
-    # Dropout only acts in training; loaded layers come up in train mode, so keeping it would make inference random.
-    adapter["lora_dropout"] = 0.0
-    adapter = {f"unet.{key}": sorted(value) if isinstance(value, set) else value for key, value in adapter.items()}
-    metadata = {"format": "pt", "lora_adapter_metadata": json.dumps(adapter, indent=2, sort_keys=True)}
-    write_atomically(Path(directory) / LORA_FILE, safetensors.torch.save(diffusers_lora_tensors(unet), metadata))
-    if kohya:
-        kohya_metadata = {"ss_network_module": "networks.lora", "ss_network_dim": str(LORA_CONFIG["r"]),
-                          "ss_network_alpha": str(float(LORA_CONFIG["lora_alpha"])), "ss_base_model_version": "sd_v1",
-                          "ss_training_comment": "quest_7_2.py: UNet attention LoRA (to_q, to_k, to_v, to_out.0)"}
-        write_atomically(Path(directory) / KOHYA_FILE,
-                         safetensors.torch.save(kohya_lora_tensors(unet), {"format": "pt", **kohya_metadata}))
+def resume(checkpoint, args, accelerator, unet, optimizer):
+    """Restore a checkpoint into the prepared UNet, optimizer and RNGs; returns (its step, its loss rows)."""
+    if checkpoint is None:
+        if args.resume == "latest" and accelerator.is_main_process:
+            tqdm.write(f"no complete {CHECKPOINT_PREFIX}N folder in {args.output_dir} yet: starting from step 0")
+        return 0, []
+    # Same model and LoRA shape? Compare tensor names and shapes before anything is loaded into the UNet.
+    expected = {key: tuple(t.shape) for key, t in diffusers_lora_tensors(accelerator.unwrap_model(unet)).items()}
+    with safe_open(checkpoint / LORA_FILE, "pt") as file:
+        found = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    if found != expected:
+        differ = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
+        fail(f"--resume {checkpoint} holds a LoRA for another model ({len(differ)} tensors differ, e.g. {differ[0]}); "
+             "resume with the --model-id it was trained on")
+    if not (checkpoint / f"random_states_{accelerator.process_index}.pkl").is_file():
+        fail(f"--resume {checkpoint} was written by fewer processes than this run's {accelerator.num_processes}; "
+             "resume with as many processes as it was saved with")
+    marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    accelerator.load_state(str(checkpoint))
+    for group in optimizer.param_groups:  # the optimizer state brings its learning rate back: the flag wins
+        group["lr"] = args.learning_rate
+    if marker["learningRate"] != args.learning_rate and accelerator.is_main_process:
+        tqdm.write(f"note: {checkpoint.name} was trained with --learning-rate {marker['learningRate']}; "
+                   f"continuing with {args.learning_rate}")
+    step = checkpoint_step(checkpoint)
+    if accelerator.is_main_process:
+        tqdm.write(f"resumed from {checkpoint} (step {step})")
+    return step, read_loss_csv(checkpoint / LOSS_LOG, step)[0]
 
 
-def load_lora(unet, directory):
-    """Put the LoRA weights saved by save_lora back into the UNet's training adapter (for --resume)."""
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(directory)
-    unet_state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
-    set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state_dict), adapter_name="default")
-
-
-def checkpoint_only_lora(accelerator):
-    """accelerator.save_state/load_state write the LoRA (megabytes), not the whole frozen UNet (gigabytes)."""
-    def save_hook(models, weights, directory):
+def save_checkpoint(args, accelerator, step, loss_rows):
+    """checkpoint-N, written as .checkpoint-N.tmp and renamed when complete: a folder named checkpoint-N is always
+    whole, and --resume latest never picks a half-written one. Keeps --checkpoints-total-limit folders."""
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)  # checked writable before any work; created when first used
+    final, tmp = output_dir / f"{CHECKPOINT_PREFIX}{step}", output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_lora(accelerator.unwrap_model(models[0]), directory)
-        weights.clear()
+            write_loss_log(tmp, loss_rows)
+            marker = {"step": step, "lora": lora_shape(args), "learningRate": args.learning_rate,
+                      "numProcesses": accelerator.num_processes,
+                      "modelId": args.model_id}
+            write_atomically(tmp / CHECKPOINT_MARKER, json.dumps(marker, indent=2).encode())
+            if final.exists():  # e.g. a run started again in the same output folder
+                old = output_dir / f".{CHECKPOINT_PREFIX}{step}.old"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                shutil.rmtree(old, ignore_errors=True)
+            os.replace(tmp, final)
+    except OSError as err:
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        fail(f"could not write {final} ({reason}); free some space or pass another output folder")
+    except RuntimeError as err:  # torch.save inside accelerate reports a full disk as a RuntimeError
+        fail(f"could not write {final} ({str(err).strip().splitlines()[0]}); free some space or pass another "
+             "output folder")
+    finally:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if accelerator.is_main_process:
+        write_loss_log(output_dir, loss_rows)
+        if args.checkpoints_total_limit:
+            for old_step, folder in sorted(finished_checkpoints(output_dir).items())[:-args.checkpoints_total_limit]:
+                shutil.rmtree(folder, ignore_errors=True)
+        tqdm.write(f"saved {final}")
+    accelerator.wait_for_everyone()
+    return final
 
-    def load_hook(models, directory):
-        load_lora(accelerator.unwrap_model(models.pop()), directory)
 
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
+def what_was_kept(output_dir):
+    """The line a stopped run ends with: the newest intact checkpoint and how to continue from it."""
+    intact, skipped = newest_intact_checkpoint(output_dir)
+    if intact is None:
+        return "no checkpoint was kept (pass --checkpointing-steps N to keep progress); run the same command again"
+    how = "run the same command with --resume latest" if not skipped else f"add --resume {intact}"
+    return f"the newest checkpoint is {intact}: {how} to continue"
 
 
-# ---------------------------------------------------------------- loss log
+def stop_interrupted(stop, what_was_kept_line):
+    """exit_interrupted on the first process; under torchrun every process gets the signal, and one line is enough."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        sys.exit(128 + (stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT))
+    exit_interrupted(stop, what_was_kept_line)
+
+
+# ---------------------------------------------------------------- validation images
+def render_side_by_side(pipeline, args, device, set_lora, prompt, path):
+    """One prompt from the same start noise, without (left) and with (right) the LoRA, into a PNG."""
+    side_by_side = Image.new("RGB", (2 * args.resolution, args.resolution))
+    for column, lora_on in enumerate((False, True)):
+        set_lora(lora_on)
+        image = pipeline(prompt, height=args.resolution, width=args.resolution,
+                         num_inference_steps=args.validation_steps,
+                         generator=torch.Generator(device).manual_seed(args.seed)).images[0]
+        side_by_side.paste(image, (column * args.resolution, 0))
+    buffer = io.BytesIO()
+    side_by_side.save(buffer, format="PNG")
+    write_atomically(path, buffer.getvalue())
+    return path
+
+
+def training_validation_pipeline(args, accelerator, unet, text_encoder, vae, tokenizer):
+    """For --validation-every: a pipeline around the training UNet itself (first process only), or None."""
+    if not (args.validation_every and accelerator.is_main_process):
+        return None
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.model_id, unet=accelerator.unwrap_model(unet), text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def render_during_training(pipeline, args, accelerator, unet, step):
+    """validation/step-<N>_<i>.png from the training UNet with its adapter switched off and on, in eval mode, under
+    the training autocast, with the global RNG untouched (turning this on does not change the training run)."""
+    if accelerator.is_main_process:
+        model = accelerator.unwrap_model(unet)
+        folder = Path(args.output_dir) / "validation"
+        folder.mkdir(parents=True, exist_ok=True)
+        devices = [accelerator.device] if accelerator.device.type == "cuda" else []
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices), accelerator.autocast():
+                for index, prompt in enumerate(args.validation_prompts):
+                    render_side_by_side(pipeline, args, accelerator.device,
+                                        lambda on: model.enable_adapters() if on else model.disable_adapters(),
+                                        prompt, folder / f"step-{step}_{index}.png")
+        finally:
+            model.enable_adapters()
+            model.train()
+        tqdm.write(f"validation images for step {step} in {folder}")
+    accelerator.wait_for_everyone()
+
+
+def render_validation_images(args, output_dir, accelerator):
+    """Each prompt without and with the LoRA, loaded from the saved file the way users load it. No safety checker:
+    it would download another ~1.2 GB for hub ids and black out images."""
+    pipeline = StableDiffusionPipeline.from_pretrained(args.model_id, dtype=weight_dtype(accelerator),
+                                                       safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False).to(accelerator.device)
+    pipeline.load_lora_weights(output_dir)
+    pipeline.set_progress_bar_config(disable=True)
+
+    def set_lora(on):
+        pipeline.enable_lora() if on else pipeline.disable_lora()
+
+    prompts = tqdm(args.validation_prompts, desc="validation images", leave=False, disable=None)
+    return [render_side_by_side(pipeline, args, accelerator.device, set_lora, prompt,
+                                output_dir / f"validation_{i}.png") for i, prompt in enumerate(prompts)]
+
+
+# ---------------------------------------------------------------- artifacts: the loss log and its plot
 def loss_csv(rows):
     lines = ["step,loss"] + [f"{step},{loss:.6g}" for step, loss in rows]
     return ("\n".join(lines) + "\n").encode()
 
 
 def read_loss_csv(path, up_to_step):
+    """(the rows of a checkpoint's loss log up to its step, None), or ([], why it is not one this script wrote)."""
     try:
-        with open(path, newline="") as file:
-            return [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(file)
-                    if int(row["step"]) <= up_to_step]
-    except (OSError, ValueError, KeyError):
-        return []
+        with open(path, newline="", encoding="utf-8") as file:
+            rows = [(int(row["step"]), float(row["loss"])) for row in csv.DictReader(file)]
+    except (OSError, ValueError, KeyError, TypeError, csv.Error) as err:
+        return [], f"its {LOSS_LOG} does not load ({getattr(err, 'strerror', None) or err})"
+    if any(not (1 <= step <= up_to_step and math.isfinite(loss)) for step, loss in rows):
+        return [], f"its {LOSS_LOG} holds a step outside 1..{up_to_step} or a non-finite loss"
+    return rows, None
 
 
 def smoothed(values, weight=0.9):
@@ -615,255 +1222,6 @@ def write_loss_log(directory, rows):
     write_atomically(Path(directory) / LOSS_PLOT, loss_plot_png(rows))
 
 
-# ---------------------------------------------------------------- train
-class Diverged(Exception):
-    """The training loss stopped being a finite number."""
-
-
-def latent_distribution(batch, vae):
-    """The VAE posteriors of a batch after a random horizontal flip of each image: from the cache or encoded now.
-
-    Both paths draw the same random numbers, so caching changes the speed, not the training run."""
-    images = batch[0] if vae is None else batch
-    flip = torch.randint(0, 2, (len(images),), device=images.device)
-    if vae is None:  # cached: [image, 2 flips, posterior parameters, h, w]
-        return DiagonalGaussianDistribution(images[torch.arange(len(images), device=images.device), flip])
-    with torch.no_grad():
-        return vae.encode(torch.where(flip.bool().view(-1, 1, 1, 1), images.flip(-1), images)).latent_dist
-
-
-def training_loss(prediction, noise, timesteps, noise_scheduler, snr_gamma):
-    """MSE between predicted and true noise; with snr_gamma, Min-SNR weighted per image (Hang et al. 2023) exactly as
-    diffusers' train_text_to_image_lora.py does it for epsilon prediction: min(SNR, gamma) / SNR."""
-    if snr_gamma is None:
-        return F.mse_loss(prediction.float(), noise.float())
-    snr = compute_snr(noise_scheduler, timesteps)
-    weights = torch.stack([snr, snr_gamma * torch.ones_like(timesteps)], dim=1).min(dim=1)[0] / snr
-    per_image = F.mse_loss(prediction.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))
-    return (per_image * weights).mean()
-
-
-def resume_step(args, accelerator, unet, optimizer):
-    """Restore a checkpoint if asked to; returns (optimizer step to continue from, the loss log so far)."""
-    if args.resume is None:
-        return 0, []
-    checkpoint = latest_checkpoint(args.output_dir) if args.resume == "latest" else Path(args.resume)
-    if checkpoint is None:
-        if accelerator.is_main_process:
-            tqdm.write(f"no complete {CHECKPOINT_PREFIX}N folder in {args.output_dir} yet: starting from step 0")
-        return 0, []
-    # Same model and LoRA shape? Compare tensor names and shapes before anything is loaded into the UNet.
-    expected = {key: tuple(t.shape) for key, t in diffusers_lora_tensors(accelerator.unwrap_model(unet)).items()}
-    with safe_open(checkpoint / LORA_FILE, "pt") as file:
-        found = {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
-    if found != expected:
-        differ = sorted(set(found) ^ set(expected)) or [k for k in expected if found[k] != expected[k]]
-        fail(f"--resume {checkpoint} holds a LoRA for another model ({len(differ)} tensors differ, e.g. {differ[0]}); "
-             "resume with the --model-id it was trained on")
-    states = checkpoint / f"random_states_{accelerator.process_index}.pkl"
-    if not states.is_file():
-        fail(f"--resume {checkpoint} was written by fewer processes than this run's {accelerator.num_processes}; "
-             "resume with as many processes as it was saved with")
-    marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text())
-    accelerator.load_state(str(checkpoint))
-    for group in optimizer.param_groups:  # the optimizer state brings its learning rate back: the flag wins
-        group["lr"] = args.learning_rate
-    if marker.get("learningRate") not in (None, args.learning_rate) and accelerator.is_main_process:
-        tqdm.write(f"note: {checkpoint.name} was trained with --learning-rate {marker['learningRate']}; "
-                   f"continuing with {args.learning_rate}")
-    step = checkpoint_step(checkpoint)
-    if accelerator.is_main_process:
-        tqdm.write(f"resumed from {checkpoint} (step {step})")
-    return step, read_loss_csv(checkpoint / LOSS_LOG, step)
-
-
-def save_checkpoint(args, accelerator, step, loss_rows, run):
-    """checkpoint-N, written as .checkpoint-N.tmp and renamed when complete: a folder named checkpoint-N is always
-    whole, and --resume latest never picks a half-written one. Keeps --checkpoints-total-limit folders."""
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)  # checked writable before any work; created when first used
-    final, tmp = output_dir / f"{CHECKPOINT_PREFIX}{step}", output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp))
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            write_loss_log(tmp, loss_rows)
-            marker = {"step": step, "lora": {key: LORA_CONFIG[key] for key in ("r", "lora_alpha", "target_modules")},
-                      "learningRate": args.learning_rate, "numProcesses": accelerator.num_processes,
-                      "modelId": args.model_id}
-            write_atomically(tmp / CHECKPOINT_MARKER, json.dumps(marker, indent=2).encode())
-            if final.exists():  # e.g. a run started again in the same output folder
-                old = output_dir / f".{CHECKPOINT_PREFIX}{step}.old"
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
-            run["kept"] = f"the newest checkpoint is {final}: run the same command with --resume latest to continue"
-    except OSError as err:
-        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
-        fail(f"could not write {final} ({reason}); free some space or pass another output folder")
-    except RuntimeError as err:  # torch.save inside accelerate reports a full disk as a RuntimeError
-        fail(f"could not write {final} ({str(err).strip().splitlines()[0]}); free some space or pass another "
-             "output folder")
-    finally:
-        if accelerator.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-    if accelerator.is_main_process:
-        write_loss_log(output_dir, loss_rows)
-        if args.checkpoints_total_limit:
-            complete = complete_checkpoints(output_dir)
-            for old_step in sorted(complete)[:-args.checkpoints_total_limit]:
-                shutil.rmtree(complete[old_step], ignore_errors=True)
-        tqdm.write(f"saved {final}")
-    accelerator.wait_for_everyone()
-    return final
-
-
-def train(args, accelerator, unet, vae, latent_scale, noise_scheduler, text_embedding, optimizer, dataloader,
-          lora_parameters, validate=None, run=None):
-    """The spec's loop: latents, noise, noisy latents, UNet predicts the noise, MSE, step every N batches.
-
-    vae is None when the latents are cached; latent_scale is the VAE's scaling_factor. validate(step) renders the
-    validation prompts (--validation-every). run['kept'] says what survives an interruption."""
-    run = {} if run is None else run
-    steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
-    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    num_epochs = math.ceil(max_steps / steps_per_epoch)
-    step, loss_rows = resume_step(args, accelerator, unet, optimizer)
-    first_epoch, batches_to_skip = divmod(step, steps_per_epoch)
-    epoch_loss = None  # stays None only when a resumed run has no steps left
-
-    progress = tqdm(total=max_steps, initial=step, desc="steps",
-                    disable=None if accelerator.is_local_main_process else True)  # None: only on a terminal
-    try:  # the bar ends its line before any message that follows (Ctrl-C, divergence)
-        for epoch in range(first_epoch, num_epochs):
-            if step >= max_steps:
-                break
-            unet.train()
-            dataloader.set_epoch(epoch)
-            batches = dataloader
-            if epoch == first_epoch and batches_to_skip:  # resuming mid-epoch: skip what the checkpoint already saw
-                batches = accelerator.skip_first_batches(dataloader, batches_to_skip * args.gradient_accumulation_steps)
-            epoch_losses, batch_losses = [], []
-            for batch in batches:
-                with accelerator.accumulate(unet):
-                    latents = latent_distribution(batch, vae).sample() * latent_scale
-                    noise = torch.randn_like(latents)
-                    if args.noise_offset:  # drawn only when asked for: the default run keeps the spec's random numbers
-                        noise = noise + args.noise_offset * torch.randn(
-                            (*latents.shape[:2], 1, 1), device=latents.device, dtype=latents.dtype)
-                    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (len(latents),),
-                                              device=latents.device)
-                    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-                    prediction = unet(noisy_latents, timesteps, text_embedding.expand(len(latents), -1, -1)).sample
-                    loss = training_loss(prediction, noise, timesteps, noise_scheduler, args.snr_gamma)
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and args.max_grad_norm:
-                        accelerator.clip_grad_norm_(lora_parameters, args.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                batch_losses.append(loss.detach().float())
-                if accelerator.sync_gradients:  # an optimizer step happened
-                    step += 1
-                    step_loss = accelerator.reduce(torch.stack(batch_losses).mean(), reduction="mean").item()
-                    batch_losses = []
-                    if not math.isfinite(step_loss):
-                        raise Diverged(f"the training loss became {step_loss} at step {step}")
-                    loss_rows.append((step, step_loss))
-                    epoch_losses.append(step_loss)
-                    progress.update(1)
-                    progress.set_postfix(loss=f"{step_loss:.4f}")
-                    if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                        save_checkpoint(args, accelerator, step, loss_rows, run)
-                    if validate is not None and args.validation_every and step % args.validation_every == 0:
-                        validate(step)
-                    if step >= max_steps:
-                        break
-            if epoch_losses:
-                epoch_loss = sum(epoch_losses) / len(epoch_losses)
-                if accelerator.is_main_process:
-                    tqdm.write(f"epoch {epoch + 1}/{num_epochs}: loss {epoch_loss:.4f}")
-    finally:
-        progress.close()
-    return {"steps": step, "epochsCompleted": step // steps_per_epoch, "finalLoss": epoch_loss, "lossRows": loss_rows}
-
-
-# ---------------------------------------------------------------- validation images
-def render_side_by_side(pipeline, args, device, set_lora, prompt, path):
-    """One prompt from the same start noise, without (left) and with (right) the LoRA, into a PNG."""
-    side_by_side = Image.new("RGB", (2 * args.resolution, args.resolution))
-    for column, lora_on in enumerate((False, True)):
-        set_lora(lora_on)
-        image = pipeline(prompt, height=args.resolution, width=args.resolution,
-                         num_inference_steps=args.validation_steps,
-                         generator=torch.Generator(device).manual_seed(args.seed)).images[0]
-        side_by_side.paste(image, (column * args.resolution, 0))
-    buffer = io.BytesIO()
-    side_by_side.save(buffer, format="PNG")
-    write_atomically(path, buffer.getvalue())
-    return path
-
-
-def render_validation_images(args, output_dir, accelerator):
-    """Each prompt without and with the LoRA, loaded from the saved file the way users load it. No safety checker:
-    it would download another ~1.2 GB for hub ids and black out images."""
-    pipeline = StableDiffusionPipeline.from_pretrained(args.model_id, dtype=weight_dtype(accelerator),
-                                                       safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False).to(accelerator.device)
-    pipeline.load_lora_weights(output_dir)
-    pipeline.set_progress_bar_config(disable=True)
-
-    def set_lora(on):
-        pipeline.enable_lora() if on else pipeline.disable_lora()
-
-    return [render_side_by_side(pipeline, args, accelerator.device, set_lora, prompt, output_dir / f"validation_{i}.png")
-            for i, prompt in enumerate(tqdm(args.validation_prompts, desc="validation images", leave=False, disable=None))]
-
-
-def make_validator(args, accelerator, unet, text_encoder, vae, tokenizer):
-    """validate(step) for --validation-every: the training UNet itself with its adapter switched off and on, in
-    eval mode, under the training autocast, with the global RNG untouched (the training run stays the same)."""
-    state = {}
-
-    def validate(step):
-        if accelerator.is_main_process:
-            model = accelerator.unwrap_model(unet)
-            if "pipeline" not in state:
-                state["pipeline"] = StableDiffusionPipeline.from_pretrained(
-                    args.model_id, unet=model, text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
-                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-                state["pipeline"].set_progress_bar_config(disable=True)
-            folder = Path(args.output_dir) / "validation"
-            folder.mkdir(parents=True, exist_ok=True)
-            devices = [accelerator.device] if accelerator.device.type == "cuda" else []
-            model.eval()
-            try:
-                with torch.random.fork_rng(devices=devices), accelerator.autocast():
-                    for index, prompt in enumerate(args.validation_prompts):
-                        render_side_by_side(state["pipeline"], args, accelerator.device,
-                                            lambda on: model.enable_adapters() if on else model.disable_adapters(),
-                                            prompt, folder / f"step-{step}_{index}.png")
-            finally:
-                model.enable_adapters()
-                model.train()
-            tqdm.write(f"validation images for step {step} in {folder}")
-        accelerator.wait_for_everyone()
-    return validate
-
-
-# ---------------------------------------------------------------- report
-def write_result(output_dir, stats):
-    result = {"success": True, "outputDir": str(output_dir.resolve()), "epochsCompleted": stats["epochsCompleted"],
-              "finalLoss": None if stats["finalLoss"] is None else round(stats["finalLoss"], 6),
-              "steps": stats["steps"]}
-    write_atomically(output_dir / "result.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
-    return result
-
-
 def quiet_libraries():
     """Library info logs and weight-loading bars would bury the one line a failure prints."""
     for logging_module in (transformers.utils.logging, diffusers.utils.logging):
@@ -872,79 +1230,197 @@ def quiet_libraries():
     diffusers.utils.logging.disable_progress_bar()
 
 
-def run_training(args, run):
+# ---------------------------------------------------------------- main: the quest's acts
+def main(argv=None):
+    args = parse_args(argv)  # every flag, the --config file and the output folder checked before any work
+    quiet_libraries()
     device = pick_device(args.device)
-    files = find_images(args.dataset_dir)  # a missing or empty folder is found before anything is created
-    check_output_dir(args.output_dir, "--output-dir")
-    newest = latest_checkpoint(args.output_dir)
-    if newest is not None:
-        run["kept"] = f"the newest checkpoint is {newest}: run the same command with --resume latest to continue"
-    accelerator = make_accelerator(args, device)
-    # Per-process seeds (seed + rank) give each GPU its own noise; rank 0 is the plain seed, so 1 device = --seed.
-    set_seed(args.seed, device_specific=True)
-    images = load_palette(files, args.resolution)  # every process checks them, so a bad file stops them all alike
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args.model_id)
-    # Every input is checked by now; from here on nothing fails on user input.
+    output_dir = Path(args.output_dir)
+    checkpoint = resume_checkpoint(args)  # a damaged --resume latest is found before the model loads
 
-    text_embedding = embed_prompt(tokenizer, text_encoder, args.train_prompt, accelerator.device)
-    # The VAE stays fp32: it only encodes (once per image when caching), and an fp16 VAE can overflow into NaN.
-    vae.to(accelerator.device)
+    # Act 1: the images and their captions, every image decoded before the model loads (a bad file costs seconds).
+    files, captions, sources = read_hub_dataset(args) if args.dataset_name else read_folder(args)
+    images = load_palette(files, args.resolution)
+    distinct_captions, caption_ids, final_captions = caption_table(captions, args)
+    accelerator = make_accelerator(args, device)
+    if accelerator.is_main_process:
+        print(f"{len(images)} images, {len(set(final_captions))} distinct captions ("
+              + ", ".join(f"{count} from {source}" for source, count in sources.items() if count) + ")")
+    # Per-process seeds (seed + rank) give each GPU its own noise; rank 0 is the plain seed, so 1 device = --seed.
+    set_seed((args.seed + accelerator.process_index) % 2**32)
+
+    # Act 2: the frozen model; what is fixed (text embeddings, VAE latents) is computed once and freed.
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args.model_id)
+    check_resolution_fits(args.resolution, vae, args.model_id)
+    text_embeddings = embed_captions(tokenizer, text_encoder, distinct_captions, accelerator.device)
+    vae.to(accelerator.device)  # fp32: it only encodes, and an fp16 VAE can overflow into NaN
     latent_scale = vae.config.scaling_factor
-    dataloader = make_dataloader(images, vae, args, accelerator.device)
+    dataloader = make_dataloader(images, caption_ids, vae, args, accelerator.device)
     keep_for_validation = args.validation_every is not None and accelerator.is_main_process
     if not keep_for_validation:
-        del tokenizer, text_encoder  # used once: free its memory for the UNet
-        tokenizer = text_encoder = None
-    training_vae = None if args.cache_latents else vae  # cached: a step runs the UNet only
-    if not keep_for_validation and args.cache_latents:
-        vae = None
-    accelerator.free_memory()  # hand the text encoder's (and the cached VAE's) memory back before the UNet's
+        tokenizer = text_encoder = None  # used once: their memory goes to the UNet
+    if args.cache_latents and not keep_for_validation:
+        vae = None  # cached: a step runs the UNet alone
+    accelerator.free_memory()
 
-    lora_parameters = add_lora(unet, accelerator, args.gradient_checkpointing)
+    # Act 3: LoRA adapters on the frozen UNet (from zero, --init-lora or a checkpoint), trained with checkpoints.
+    lora_parameters = add_lora(unet, args, accelerator)
+    if args.init_lora:
+        init_lora(unet, init_lora_file(args.init_lora), args)
+    # Every input is checked by now; from here on nothing fails on user input.
     optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     checkpoint_only_lora(accelerator)
-    validate = make_validator(args, accelerator, unet, text_encoder, vae, tokenizer) if args.validation_every else None
+    start_step, loss_rows = resume(checkpoint, args, accelerator, unet, optimizer)
+    validation_pipeline = training_validation_pipeline(args, accelerator, unet, text_encoder, vae, tokenizer)
     try:
-        stats = train(args, accelerator, unet, training_vae, latent_scale, noise_scheduler, text_embedding, optimizer,
-                      dataloader, lora_parameters, validate, run)
+        stats = train(args, accelerator, unet, optimizer, dataloader, lora_parameters, noise_scheduler,
+                      text_embeddings, vae, latent_scale, start_step, loss_rows, validation_pipeline)
     except Diverged as err:
-        fail(f"{err}; lower --learning-rate (it is {args.learning_rate:g}); "
-             "nothing was written over earlier outputs")
-
+        scale = args.lora_alpha / args.rank  # each update is scaled by alpha / r: a large one amplifies every step
+        also = f" or --lora-alpha (alpha / rank is {scale:g})" if scale > 4 else ""
+        fail(f"{err}; lower --learning-rate (it is {args.learning_rate:g}){also}; the LoRA was not saved and nothing "
+             "was written over earlier outputs")
+    except KeyboardInterrupt as stop:
+        stop_interrupted(stop, what_was_kept(output_dir))
     accelerator.wait_for_everyone()
+
+    # Act 4: the LoRA in both layouts, the loss log and the result, then the validation images from the saved file.
     if accelerator.is_main_process:
-        output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        save_lora(accelerator.unwrap_model(unet), output_dir, kohya=True)
-        write_loss_log(output_dir, stats["lossRows"])
-        result = write_result(output_dir, stats)  # before validation: a failure there keeps the run's record
-        run["kept"] = f"the LoRA, the loss log and result.json in {output_dir} are complete"
-        del unet, optimizer
-        text_encoder = vae = validate = None
+        model = accelerator.unwrap_model(unet)
+        dataset = Path(args.dataset_name or args.dataset_dir)  # kohya keys the tag counts by the folder's name
+        dataset_label = dataset.resolve().name if dataset.exists() else args.dataset_name
+        result = {"success": True, "outputDir": str(output_dir.resolve()), "epochsCompleted": stats["epochsCompleted"],
+                  "finalLoss": None if stats["finalLoss"] is None else round(stats["finalLoss"], 6),
+                  "steps": stats["steps"]}
+        try:  # each file whole (atomic); result.json last, and before validation, which may still fail
+            save_lora(model, output_dir, kohya_metadata(args, model, final_captions, dataset_label))
+            write_loss_log(output_dir, stats["lossRows"])
+            write_atomically(output_dir / RESULT_FILE, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
+        except KeyboardInterrupt as stop:
+            stop_interrupted(stop, f"stopped while writing the LoRA files in {output_dir}; "
+                                   f"{what_was_kept(output_dir)}")
+        del unet, model, optimizer, validation_pipeline
+        text_encoder = vae = None
         accelerator.free_memory()
-        images = render_validation_images(args, output_dir, accelerator) if args.validation_prompts else []
-        written = [LORA_FILE, KOHYA_FILE, LOSS_LOG, LOSS_PLOT, "result.json", *(p.name for p in images)]
+        try:
+            validation = render_validation_images(args, output_dir, accelerator) if args.validation_prompts else []
+        except KeyboardInterrupt as stop:
+            stop_interrupted(stop, f"the LoRA, the loss log and {RESULT_FILE} in {output_dir} are complete; only "
+                                   "validation images are missing")
+        written = [LORA_FILE, KOHYA_FILE, LOSS_LOG, LOSS_PLOT, RESULT_FILE, *(path.name for path in validation)]
         print(f"wrote {', '.join(written)} to {output_dir}")
         print(json.dumps(result, allow_nan=False))
     accelerator.end_training()
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    quiet_libraries()
-    run = {"kept": "no checkpoint was written (pass --checkpointing-steps N to keep progress)"}
+# ---- plumbing: one voice (docs/contributing.md, verbatim)
+def fail(message):
+    """End the run the way every fault ends here: one line on stderr, exit 1, no traceback."""
+    raise SystemExit(f"error: {message}")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad flag ends like every other fault: one line on stderr, no usage dump."""
+
+    def error(self, message):
+        fail(f"{message}; run with --help to see the flags")
+
+
+def number(kind, low=None, high=None, low_open=False, high_open=False):
+    """argparse type: a finite int or float (`kind`) from low to high; an open end leaves the bound itself out.
+    number(int, 1): a whole number >= 1; number(float, 0, low_open=True): above 0; number(float, 0, 1): in [0, 1]."""
+    what = "a whole number" if kind is int else "a finite number"
+    if low is not None and high is not None:
+        what += f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    elif low is not None:
+        what += f" {'above' if low_open else '>='} {low}"
+    elif high is not None:
+        what += f" {'below' if high_open else '<='} {high}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got '{text}'") from None
+        if not (math.isfinite(value) and (low is None or value > low or value == low and not low_open)
+                and (high is None or value < high or value == high and not high_open)):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text}")
+        return value
+    return parse
+
+
+def pick_device(name):
+    """--device auto: CUDA, then Apple's MPS, then the CPU; a device asked for by name must be there."""
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if name == "auto":
+        name = next(kind for kind, present in available.items() if present)
+    elif not available[name]:
+        fail(f"--device {name} was requested but is not available here; use --device auto or --device cpu")
+    return torch.device(name)
+
+
+def check_output_dir(path, flag):
+    """Before any work: `path` must be a folder we can write in, or one we can create. Probes with a real temp
+    file (os.access says yes to root even on a read-only folder) and creates nothing."""
+    path = Path(path)
     try:
-        run_training(args, run)
-    except KeyboardInterrupt:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process gets Ctrl-C; one line is enough
-            print(f"error: interrupted (Ctrl-C); {run['kept']}", file=sys.stderr)
-        sys.exit(130)
+        existing = next(folder for folder in (path, *path.parents) if folder.exists())
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except OSError as err:  # a name or path longer than the file system takes, a loop of links
+        fail(f"{flag} {str(path)[:60]}... cannot be used ({err.strerror or err}); pass a shorter path")
+    if any(len(os.fsencode(part)) > name_max - 20 for part in path.relative_to(existing).parts):
+        fail(f"{flag}: a folder name in {str(path)[:60]}... is longer than the file system takes "
+             f"({name_max} bytes, less room for temp names); pass a shorter path")
+    if not existing.is_dir():
+        where = "a file" if existing == path else f"under the file {existing}"
+        fail(f"{flag} {path} is {where}, not a folder; pass a folder path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        fail(f"{flag} {path} is not writable ({existing}: {err.strerror or err}); pass a folder you can write to")
+
+
+def write_atomically(path, data):
+    """bytes -> path through a temp file in the same folder and os.replace: a final name never holds half a
+    file, and a failed write removes its temp file and ends in one line."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        fail(f"could not write {path} ({reason}); free some space or pass another output folder")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+
+def all_finite(tensors):
+    """Whether every floating-point tensor holds only finite numbers: asked before anything is saved, because a
+    loss computed before the last optimizer step can be finite while the weights after it are not."""
+    return all(bool(torch.isfinite(tensor).all()) for tensor in tensors if tensor.is_floating_point())
+
+
+def exit_interrupted(stop, what_was_kept):
+    """End a run that Ctrl-C or SIGTERM stopped: one line saying what was kept and how to continue; exit 130 for
+    Ctrl-C, 143 for SIGTERM (128 + the signal, as a shell reports it)."""
+    signum = stop.args[0] if stop.args and isinstance(stop.args[0], int) else signal.SIGINT
+    cause = "interrupted (Ctrl-C)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    print(f"error: {cause}; {what_was_kept}", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 if __name__ == "__main__":
     try:
         main()
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); nothing was written", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as stop:
+        exit_interrupted(stop, "nothing new was written; run the same command again")

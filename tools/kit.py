@@ -212,3 +212,23 @@ def write_palette(path, count=4, size=(48, 40)):
     return path
 
 
+
+
+def write_captioned_images(path, captions, size=(40, 40), metadata=False):
+    """Noisy one-colour images, one per {name: (rgb, caption)}: each caption written kohya's way (name.txt beside
+    name.png), or with metadata=True as datasets' imagefolder metadata.jsonl ({"file_name", "text"} per line)."""
+    import numpy as np
+    from PIL import Image
+    path.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for name, (colour, caption) in captions.items():
+        pixels = np.clip(np.array(colour)[None, None] + rng.integers(-30, 30, (size[1], size[0], 3)), 0, 255)
+        Image.fromarray(pixels.astype(np.uint8)).save(path / f"{name}.png")
+        if metadata:
+            lines.append(json.dumps({"file_name": f"{name}.png", "text": caption}))
+        else:
+            (path / f"{name}.txt").write_text(caption + "\n", encoding="utf-8")
+    if metadata:
+        (path / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
