@@ -585,7 +585,7 @@ def load_mnist(name, data_dir, train):
     dataset_class = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
     raw, split = Path(data_dir) / dataset_class.__name__ / "raw", "train" if train else "t10k"
     image_file, label_file = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
-    if not (image_file.is_file() and label_file.is_file()):
+    if not (os.path.isfile(image_file) and os.path.isfile(label_file)):  # False, not an error, for too long a name
         try:  # torchvision fetches the four raw files into <data_dir>/<class>/raw
             dataset_class(root=data_dir, train=train, download=True)
         except Exception as err:  # URLError is an OSError; a failed or bad download surfaces as other errors too

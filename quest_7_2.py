@@ -45,6 +45,8 @@ def raise_interrupt(signum, frame):
 
 signal.signal(signal.SIGTERM, raise_interrupt)
 try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
+    if hasattr(signal, "pthread_sigmask"):  # held until the imports end: one landing inside numpy's C import breaks it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     import numpy as np
     import torch
 
@@ -72,6 +74,8 @@ try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
     from torchvision import transforms
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTokenizer
+    if hasattr(signal, "pthread_sigmask"):  # a signal held meanwhile is raised here, inside this guard
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 except KeyboardInterrupt as stop:
     print("error: interrupted while starting; nothing was done", file=sys.stderr)
     sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))

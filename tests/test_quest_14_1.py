@@ -506,11 +506,12 @@ def test_a_signal_while_training_ends_in_one_line_and_leaves_nothing(sig, code, 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["Ctrl-C", "SIGTERM"])
 def test_a_signal_while_starting_ends_in_one_line(sig, code, tmp_path, monkeypatch):
-    # A tqdm that takes a minute to import holds the script inside its imports (a warm torch alone loads in
-    # under the 0.4 s the signal waits, and the run would be over before it).
+    # A tqdm that takes 3 s to import holds the script inside its imports (a warm torch alone loads in under the
+    # 0.4 s the signal waits, and the run would be over before it). The script holds the signal until its imports
+    # end, then ends in one line.
     shim = tmp_path / "shim" / "tqdm"
     shim.mkdir(parents=True)
-    (shim / "__init__.py").write_text("import time\ntime.sleep(60)\n")
+    (shim / "__init__.py").write_text("import time\ntime.sleep(3)\ntqdm = None\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "shim"))
     (tmp_path / "cwd").mkdir()
     proc = stop_while_starting(SCRIPT, "--data-dir", "nodata", cwd=tmp_path / "cwd", sig=sig)
