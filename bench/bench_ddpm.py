@@ -56,13 +56,15 @@ def parse_args():
     p.add_argument("--sample-batch-size", type=int, default=64, help="cpu: chunk size for sampling")
     p.add_argument("--checkpoint", type=Path, default=Path("chaos_sculptures/checkpoint.pt"), help="quality")
     p.add_argument("--num-samples", type=int, default=256, help="quality: digits to generate and score")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="quality")
-    p.add_argument("--sample-steps", type=int, default=100, help="quality: DDIM steps (the script's default)")
-    p.add_argument("--guidance", type=quest.positive_float, default=2.0,
+    p.add_argument("--sampler", choices=quest.SAMPLERS, default="ddpm", help="quality")
+    p.add_argument("--sample-steps", type=int, default=None, help="quality: DPM-Solver/DDIM steps (default: the script's)")
+    p.add_argument("--guidance", type=quest.number(float, 0, low_open=True), default=2.0,
                    help="quality: autoguidance weight with the checkpoint's guide weights (1 = plain sampling)")
-    p.add_argument("--eta", type=quest.ddim_eta, default=1.0, help="quality: DDIM's eta (0 = deterministic)")
+    p.add_argument("--eta", type=quest.number(float, 0, 1), default=1.0, help="quality: DPM-Solver/DDIM eta (0 = deterministic)")
     p.add_argument("--grid", type=Path, default=None, help="quality: also save the scored samples as a PNG grid")
-    return p.parse_args()
+    args = p.parse_args()
+    args.sample_steps = args.sample_steps or quest.DEFAULT_SAMPLE_STEPS.get(args.sampler, 0)
+    return args
 
 
 def sync(device):
@@ -72,7 +74,7 @@ def sync(device):
 
 def time_training(batches, model, optimizer, schedule, steps, device):
     """Images/s over `steps` training steps fed by `batches` (after two warm-up steps), the script's precision."""
-    dtype = quest.autocast_dtype("auto", device)
+    dtype = quest.speed_path("auto", device)[0]
     seen, start = 0, None
     for i, x0 in enumerate(batches):
         if i == 2:
@@ -194,7 +196,7 @@ def quality(args, device):
     schedule = quest.NoiseSchedule(config["timesteps"], device, config.get("beta_schedule", "linear"))
     start = time.perf_counter()
     samples, _, _ = quest.sample(model, schedule, args.num_samples, args.sampler, args.sample_steps, device,
-                                 dtype=quest.autocast_dtype("auto", device), seed=args.seed,
+                                 dtype=quest.speed_path("auto", device)[0], seed=args.seed,
                                  guide=guide, guidance=args.guidance, eta=args.eta)
     seconds = time.perf_counter() - start
     test_digits = quest.preprocess(datasets.MNIST(args.data_dir, train=False).data).to(device)
@@ -277,7 +279,7 @@ def cpu_variants(args, device):
         print(f"{name:22} {rate:12.1f} {rate / rates['fp32']:7.2f}x")
 
     model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device).eval()
-    dtype = quest.autocast_dtype("auto", device)
+    dtype = quest.speed_path("auto", device)[0]
     print(f"\n{'DDIM-20 sampling':32} {'seconds':>8} {'ms/digit':>9}")
     for n in (64, 256):
         for chunk in sorted({n, args.sample_batch_size}):
@@ -297,7 +299,7 @@ def width_variants(args, device):
     """Training img/s of one step for each UNet width, interleaved, in the precision the script picks."""
     torch.manual_seed(args.seed)
     schedule = quest.NoiseSchedule(300, device)
-    dtype = quest.autocast_dtype("auto", device)
+    dtype = quest.speed_path("auto", device)[0]
     images = torch.rand(args.batch_size * 8, 1, 32, 32, device=device) * 2 - 1
     runs = {}
     for name, (base, mult) in WIDTHS.items():
