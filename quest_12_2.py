@@ -37,6 +37,7 @@ try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
     import torch.nn.functional as F
     import torchvision
     from torchvision.transforms import functional as TF
+    from PIL import Image
     from torchvision.utils import save_image
     from tqdm import tqdm
 except KeyboardInterrupt as stop:
@@ -50,6 +51,11 @@ TRAJECTORY_POINTS = 8  # columns of trajectory.png: pure noise ... finished digi
 BETA_SCHEDULES = ("linear-scaled", "cosine", "linear")
 SAMPLERS = ("dpm", "ddim", "ddpm")
 DEFAULT_SAMPLE_STEPS = {"dpm": 20, "ddim": 100}  # DDPM always runs all T steps
+CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
+               "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                                 "Bag", "Ankle boot"]}
+NO_CLASS = 10  # the class-embedding entry for "no class": the unconditional half of a --conditional model
+GIF_FRAMES = 24  # frames of reverse_process.gif (all steps when there are fewer)
 MAX_TIMESTEPS, MAX_WIDTH = 10_000, 1024  # beyond these a laptop runs out of memory or patience
 
 
@@ -62,6 +68,17 @@ def channel_mult(text):
     if len(mult) != 3 or not all(1 <= m <= 16 for m in mult):
         raise argparse.ArgumentTypeError(f"expected three whole numbers from 1 to 16 like 1,2,4, got {text!r}")
     return mult
+
+
+def class_list(text):
+    """argparse type: classes to draw, '7', '0-9' or '3,5,8' (class indices 0-9, for any dataset)."""
+    classes = []
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*(\d)\s*(?:-\s*(\d)\s*)?", part)
+        if not match or (match[2] is not None and int(match[2]) < int(match[1])):
+            raise argparse.ArgumentTypeError(f"expected classes 0-9 like 7, 0-9 or 3,5,8, got {text!r}")
+        classes += range(int(match[1]), int(match[2] or match[1]) + 1)
+    return classes
 
 
 def duration(text):
@@ -107,7 +124,20 @@ def parse_args(argv=None):
                    help="autoguidance weight w (Karras et al. 2024, arXiv:2406.02507): the predicted noise is pushed "
                         "away from that of the EMA as it was a quarter into training (kept in the checkpoint), "
                         "eps_guide + w * (eps - eps_guide); 1 = plain sampling (the spec); costs a second forward pass")
-    p.add_argument("--num-samples", type=number(int, 1, 100_000), default=64, help="digits to generate")
+    p.add_argument("--conditional", action="store_true",
+                   help="train one UNet that is both class-conditional and unconditional, for classifier-free "
+                        "guidance (Ho & Salimans 2022, arXiv:2207.12598): a learned class embedding is added to the "
+                        "timestep's")
+    p.add_argument("--cond-drop", type=number(float, 0, 1, high_open=True), default=0.1,
+                   help="--conditional: the share of training images whose label is replaced by 'no class'")
+    p.add_argument("--digits", type=class_list, default=None,
+                   help="conditional checkpoints: the classes to draw, one grid row each, e.g. 7, 0-9 or 3,5,8 "
+                        "(default 0-9)")
+    p.add_argument("--cfg", type=number(float, 0, 100), default=3.0,
+                   help="conditional checkpoints: classifier-free guidance weight W, eps_uncond + W * (eps_cond - "
+                        "eps_uncond); 1 = plain conditional sampling, 0 = unconditional")
+    p.add_argument("--num-samples", type=number(int, 1, 100_000), default=64,
+                   help="digits to generate (conditional: a multiple of the number of --digits)")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpm",
                    help="dpm: DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095) over --sample-steps; ddim: Song et "
                         "al. over --sample-steps; ddpm: Ho et al. Algorithm 2 over all T steps (the spec)")
@@ -130,9 +160,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                    help="0 to 2^32-1; seeds everything: same seed + device, same digits")
     args = p.parse_args(argv)
+    args.set_by_user = {action.dest for action in p._actions if getattr(args, action.dest, None) != action.default}
     args.checkpoint = Path(args.checkpoint or Path(args.out_dir) / "checkpoint.pt")
     args.sample_steps = args.sample_steps or DEFAULT_SAMPLE_STEPS.get(args.sampler, 0)
-    args.set_by_user = {action.dest for action in p._actions if getattr(args, action.dest, None) != action.default}
     return args
 
 
@@ -145,6 +175,9 @@ def check_args(args):
     if args.base_channels * max(args.channel_mult) > MAX_WIDTH:
         fail(f"--base-channels {args.base_channels} x --channel-mult {max(args.channel_mult)} is wider than "
              f"{MAX_WIDTH} channels; pass smaller widths")
+    if args.conditional and (args.sample_only or args.resume):
+        fail("--conditional is for a new training run; a checkpoint's own config says whether it is conditional, "
+             "so drop --conditional")
     if args.sample_only and {"epochs", "time_budget"} & args.set_by_user:
         fail("--sample-only trains nothing, so --epochs/--time-budget have no effect; drop them or --sample-only")
     check_output_dir(args.out_dir, "--out-dir")
@@ -314,7 +347,7 @@ class SelfAttention(nn.Module):
 class SimpleUNet(nn.Module):
     """32x32 -> 16x16 -> 8x8 and back, skip connections between the paths, timestep in every block."""
 
-    def __init__(self, image_channels=1, base_channels=64, attention=True, channel_mult=(1, 2, 4)):
+    def __init__(self, image_channels=1, base_channels=64, attention=True, channel_mult=(1, 2, 4), num_classes=0):
         super().__init__()
         c1, c2, c3 = (m * base_channels for m in channel_mult)  # widths at 32x32, 16x16, 8x8
         self.emb_dim = 4 * base_channels
@@ -338,9 +371,14 @@ class SimpleUNet(nn.Module):
         self.unpool1 = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c1, c1, 3, padding=1))
         self.up1 = ResBlock(c1 + c1, c1, self.emb_dim)
         self.head = nn.Sequential(nn.GroupNorm(8, c1), nn.SiLU(), nn.Conv2d(c1, image_channels, 3, padding=1))
+        # classifier-free guidance: one learned vector per class and one for "no class" (NO_CLASS), added to the
+        # timestep embedding, so every block is told which digit to carve
+        self.class_emb = nn.Embedding(num_classes + 1, self.emb_dim) if num_classes else None
 
-    def forward(self, x, t):
+    def forward(self, x, t, labels=None):
         emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features))
+        if self.class_emb is not None:
+            emb = emb + self.class_emb(labels)
         s1 = self.down1(self.stem(x), emb)
         s2 = self.down2(self.pool1(s1), emb)
         s3 = self.down3(self.pool2(s2), emb)
@@ -373,17 +411,25 @@ def preprocess(raw_images):
 
 
 def load_training_images(name, data_dir, device):
-    """The whole training split as one preprocessed tensor on the device: batches are index draws, no DataLoader."""
-    return preprocess(load_mnist(name, data_dir, train=True)[0]).to(device)
+    """The whole training split as one preprocessed tensor on the device, and its labels: batches are index draws,
+    no DataLoader."""
+    images, labels = load_mnist(name, data_dir, train=True)
+    return preprocess(images).to(device), labels.to(device)
 
 
 # ---------------------------------------------------------------- training
-def train_step(model, optimizer, schedule, x0, dtype, snr_gamma):
-    """One DDPM step (Ho et al. Algorithm 1): noise x0 at a random t per image, learn to predict the noise."""
+def train_step(model, optimizer, schedule, x0, dtype, snr_gamma, labels=None, cond_drop=0.0):
+    """One DDPM step (Ho et al. Algorithm 1): noise x0 at a random t per image, learn to predict the noise. With
+    labels (a conditional model) each is replaced by NO_CLASS with probability cond_drop, so the one network
+    also learns the unconditional prediction that classifier-free guidance extrapolates from."""
     t = torch.randint(0, schedule.timesteps, (len(x0),), device=x0.device)
     noise = torch.randn_like(x0)
+    condition = ()
+    if labels is not None:
+        dropped = torch.rand(len(labels), device=labels.device) < cond_drop
+        condition = (torch.where(dropped, torch.full_like(labels, NO_CLASS), labels),)
     with torch.autocast(x0.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        predicted_noise = model(schedule.get_noisy_image(x0, t, noise), t)
+        predicted_noise = model(schedule.get_noisy_image(x0, t, noise), t, *condition)
     per_image = F.mse_loss(predicted_noise.float(), noise, reduction="none").mean(dim=(1, 2, 3))
     if snr_gamma:  # Min-SNR-gamma: nearly clean images (high SNR) stop dominating the gradient
         snr = schedule.snr[t]
@@ -402,7 +448,7 @@ def lr_at(step, total_steps, args):
     return args.lr * warmup_cosine(step, total_steps, args.warmup_steps, final=0.1)
 
 
-def train_epoch(step_model, optimizer, ema, schedule, images, args, dtype, epoch, total_steps, bar_label):
+def train_epoch(step_model, optimizer, ema, schedule, images, labels, args, dtype, epoch, total_steps, bar_label):
     """One pass over the images in random order; returns the epoch's mean loss (a tensor, summed on the device)."""
     batches = math.ceil(len(images) / args.batch_size)
     order = torch.randperm(len(images), device=images.device)
@@ -411,8 +457,9 @@ def train_epoch(step_model, optimizer, ema, schedule, images, args, dtype, epoch
         for i in bar:
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * batches + i, total_steps, args)
-            x0 = images[order[i * args.batch_size:(i + 1) * args.batch_size]]
-            total += train_step(step_model, optimizer, schedule, x0, dtype, args.snr_gamma)
+            batch = order[i * args.batch_size:(i + 1) * args.batch_size]
+            total += train_step(step_model, optimizer, schedule, images[batch], dtype, args.snr_gamma,
+                                labels[batch] if labels is not None else None, args.cond_drop)
             ema.update(step_model)
             if i % 10 == 0 or i == batches - 1:
                 running = total.item() / (i + 1)
@@ -423,7 +470,7 @@ def train_epoch(step_model, optimizer, ema, schedule, images, args, dtype, epoch
     return total.item() / batches
 
 
-def fit_epochs_to_budget(model, schedule, images, args, dtype, seconds):
+def fit_epochs_to_budget(model, schedule, images, labels, args, dtype, seconds):
     """How many epochs fit in `seconds`: times 12 training steps (after 3 warm-up steps) on a throwaway copy of the
     model and optimizer, so the real run's weights and lr schedule are untouched. Returns (epochs, images/s)."""
     probe = copy.deepcopy(model).train()
@@ -434,7 +481,8 @@ def fit_epochs_to_budget(model, schedule, images, args, dtype, seconds):
             if images.device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-        loss = train_step(probe, optimizer, schedule, batch, dtype, args.snr_gamma)
+        loss = train_step(probe, optimizer, schedule, batch, dtype, args.snr_gamma,
+                          labels[:args.batch_size] if labels is not None else None, args.cond_drop)
     loss.item()  # waits for the device
     images_per_s = 12 * len(batch) / (time.perf_counter() - start)
     # the EMA update and the epoch's bookkeeping cost a few percent more than the bare steps
@@ -473,13 +521,20 @@ def sample_steps(sampler, schedule, steps):
 
 @torch.no_grad()
 def sample(model, schedule, num_samples, sampler, sample_steps_wanted, device, batch_size=64, dtype=None, seed=0,
-           guide=None, guidance=1.0, eta=0.0):
+           guide=None, guidance=1.0, eta=0.0, labels=None, cfg=1.0, shown=range(8)):
     """Reverse process from pure noise: the final images in [-1, 1], snapshots along the way, steps run.
 
     With a `guide` (the same UNet, less trained) and guidance w != 1, the noise prediction is pushed away from the
     guide's: eps_guide + w * (eps - eps_guide). The weaker model makes the same kinds of mistakes, only more, so
     the difference points away from them (Karras et al. 2024, "Guiding a diffusion model with a bad version of
     itself"); it costs a second forward pass per step.
+
+    With `labels` (a conditional model, one class per sample) and cfg W != 1, classifier-free guidance (Ho &
+    Salimans 2022): eps_uncond + W * (eps_cond - eps_uncond), the unconditional prediction being the same network's
+    with NO_CLASS; W = 1 is plain conditional sampling, W = 0 unconditional. Also a second forward pass per step.
+
+    Returns the images, the frames (the first 64 samples at up to GIF_FRAMES points, pure noise first) and, for
+    trajectory.png, the `shown` samples at TRAJECTORY_POINTS of those points.
 
     Every random draw covers all samples at once and the model sees them `batch_size` at a time, so the
     images do not depend on the chunking, and large --num-samples do not slow down per image (one forward
@@ -488,10 +543,10 @@ def sample(model, schedule, num_samples, sampler, sample_steps_wanted, device, b
     if guide is not None:
         guide.eval()
     steps = sample_steps(sampler, schedule, sample_steps_wanted)
-    keep = set(torch.linspace(0, len(steps) - 1, TRAJECTORY_POINTS - 1).round().long().tolist())
+    kept_steps = torch.linspace(0, len(steps) - 1, min(GIF_FRAMES - 1, len(steps))).round().long().unique().tolist()
     generator = torch.Generator(device).manual_seed(seed)
     x = torch.randn(num_samples, 1, IMAGE_SIZE, IMAGE_SIZE, device=device, generator=generator)
-    snapshots = [x[:8].clamp(-1, 1)]
+    frames = [x[:64].clamp(-1, 1)]
     x0_before = torch.empty_like(x) if sampler == "dpm" else None  # DPM-Solver's previous x0 prediction
     stochastic = sampler == "ddpm" or eta > 0  # fresh noise at every step
     with tqdm(steps, desc=f"sampling ({sampler}, {len(steps)} steps)", leave=False, disable=None) as bar:
@@ -502,7 +557,11 @@ def sample(model, schedule, num_samples, sampler, sample_steps_wanted, device, b
                 part = slice(chunk, chunk + batch_size)
                 with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                     t_part = torch.full((len(x[part]),), t, device=device)
-                    predicted_noise = model(x[part], t_part).float()
+                    condition = (labels[part],) if labels is not None else ()
+                    predicted_noise = model(x[part], t_part, *condition).float()
+                    if labels is not None and cfg != 1:
+                        unconditional = model(x[part], t_part, torch.full_like(labels[part], NO_CLASS)).float()
+                        predicted_noise = unconditional + cfg * (predicted_noise - unconditional)
                     if guide is not None and guidance != 1:
                         guide_noise = guide(x[part], t_part).float()
                         predicted_noise = guide_noise + guidance * (predicted_noise - guide_noise)
@@ -517,9 +576,11 @@ def sample(model, schedule, num_samples, sampler, sample_steps_wanted, device, b
                                                        steps[i - 1] if i else None, eta,
                                                        noise[part] if eta > 0 else None)
                     x0_before[part] = x0
-            if i in keep:
-                snapshots.append(x[:8].clamp(-1, 1))
-    return x.clamp(-1, 1), snapshots, len(steps)
+            if i in kept_steps:
+                frames.append(x[:64].clamp(-1, 1))
+    columns = torch.linspace(0, len(frames) - 1, TRAJECTORY_POINTS).round().long().tolist()
+    trajectory = torch.stack([frames[c][[i for i in shown if i < len(frames[c])]] for c in columns], dim=1)
+    return x.clamp(-1, 1), frames, trajectory, len(steps)
 
 
 # ---------------------------------------------------------------- artifacts
@@ -527,6 +588,16 @@ def png_bytes(images, nrow):
     """Map [-1, 1] to [0, 1] and encode a grid as PNG bytes."""
     buffer = io.BytesIO()
     save_image((images.float() + 1) / 2, buffer, nrow=nrow, format="png")
+    return buffer.getvalue()
+
+
+def gif_bytes(frames, nrow, seconds_per_frame=0.12):
+    """The reverse process as an animated GIF: one grid per frame, from pure noise to the finished digits (held
+    for a second at the end). PIL writes it; the bytes go to disk through write_atomically like every file."""
+    grids = [Image.open(io.BytesIO(png_bytes(frame, nrow))).convert("L") for frame in frames]
+    buffer = io.BytesIO()
+    durations = [int(1000 * seconds_per_frame)] * (len(grids) - 1) + [1000]
+    grids[0].save(buffer, format="gif", save_all=True, append_images=grids[1:], duration=durations, loop=0)
     return buffer.getvalue()
 
 
@@ -539,6 +610,7 @@ CONFIG_CHECKS = {  # what a checkpoint's config must hold: key -> (accepted, wha
     "channel_mult": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3
                      and all(type(m) is int and 1 <= m <= 16 for m in v), "three whole numbers from 1 to 16"),
     "attention": (lambda v: type(v) is bool, "true or false"),
+    "conditional": (lambda v: type(v) is bool, "true or false"),
 }
 
 
@@ -562,6 +634,7 @@ def load_checkpoint(path, device):
     config = checkpoint["config"]
     if not isinstance(config, dict):
         fail(f"{path} holds no config (a {type(config).__name__}); {retrain}")
+    config.setdefault("conditional", False)  # checkpoints of the first release had no classes
     for key, (accepted, what) in CONFIG_CHECKS.items():
         if key not in config:
             fail(f"{path}'s config has no {key!r}; {retrain}")
@@ -592,7 +665,8 @@ def main(argv=None):
     checkpoint = load_checkpoint(args.checkpoint, device) if (args.sample_only or args.resume) else None
     config = checkpoint["config"] if checkpoint else {
         "dataset": args.dataset, "timesteps": args.timesteps, "beta_schedule": args.beta_schedule,
-        "base_channels": args.base_channels, "channel_mult": list(args.channel_mult), "attention": args.attention}
+        "base_channels": args.base_channels, "channel_mult": list(args.channel_mult), "attention": args.attention,
+        "conditional": args.conditional}
     if args.resume:  # the architecture must match the weights; the learning rate and the rest are applied
         def as_flag(value):  # 1,2,4 for the widths, as typed
             return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
@@ -603,7 +677,17 @@ def main(argv=None):
                   flush=True)
     schedule = NoiseSchedule(config["timesteps"], device, config["beta_schedule"])
     model = SimpleUNet(base_channels=config["base_channels"], attention=config["attention"],
-                       channel_mult=tuple(config["channel_mult"])).to(device)
+                       channel_mult=tuple(config["channel_mult"]), num_classes=10 if config["conditional"] else 0
+                       ).to(device)
+    # what to draw: one grid row per requested class (conditional), or --num-samples digits in a square grid
+    class_names = CLASS_NAMES[config["dataset"]]
+    digits = args.digits or list(range(10))
+    if args.digits and not config["conditional"]:
+        fail(f"--digits needs a conditional model, and {args.checkpoint if checkpoint else 'this run'} is not one; "
+             "train with --conditional, or drop --digits")
+    if config["conditional"] and args.num_samples % len(digits):
+        fail(f"--num-samples {args.num_samples} is not a multiple of the {len(digits)} classes asked for (one grid "
+             f"row each); pass e.g. --num-samples {len(digits) * max(1, args.num_samples // len(digits))}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = EMA(model, args.ema_decay)
     # autoguidance's weaker model: the EMA as it was a quarter into training, taken once; guide_taken is its epoch
@@ -635,9 +719,10 @@ def main(argv=None):
     epoch_losses, images_per_s, train_seconds = [], None, None
     epochs = first_epoch if args.sample_only else max(args.epochs, first_epoch)
     if not args.sample_only:
-        images = load_training_images(config["dataset"], args.data_dir, device)
+        images, labels = load_training_images(config["dataset"], args.data_dir, device)
+        labels = labels if config["conditional"] else None
         if args.time_budget:
-            fitted, rate = fit_epochs_to_budget(model, schedule, images, args, dtype, args.time_budget)
+            fitted, rate = fit_epochs_to_budget(model, schedule, images, labels, args, dtype, args.time_budget)
             epochs = first_epoch + fitted
             print(f"time budget {args.time_budget / 60:g} min: {fitted} epochs of {len(images)} images fit "
                   f"(the first steps ran at {rate:.0f} img/s)", flush=True)
@@ -648,14 +733,15 @@ def main(argv=None):
                   f"train (raise --epochs to continue), sampling from it", flush=True)
         step_model = torch.compile(model) if args.compile else model
         batches = math.ceil(len(images) / args.batch_size)
-        probe = (images[:16], torch.full((len(images[:16]),), schedule.timesteps // 2, device=device))
+        probe = (images[:16], torch.full((len(images[:16]),), schedule.timesteps // 2, device=device),
+                 *((labels[:16],) if labels is not None else ()))
         saved_epoch = first_epoch if args.resume else None
         model.train()
         start, epoch = time.perf_counter(), first_epoch
         try:
             while epoch < epochs:
-                epoch_losses.append(train_epoch(step_model, optimizer, ema, schedule, images, args, dtype, epoch,
-                                                epochs * batches, f"epoch {epoch + 1}/{epochs}"))
+                epoch_losses.append(train_epoch(step_model, optimizer, ema, schedule, images, labels, args, dtype,
+                                                epoch, epochs * batches, f"epoch {epoch + 1}/{epochs}"))
                 epoch += 1
                 if guide_taken is None and epoch >= guide_epoch(epochs):
                     guide.load_state_dict(ema.model.state_dict())
@@ -679,16 +765,24 @@ def main(argv=None):
         epochs = epoch  # what the checkpoint holds
         images_per_s = (epoch - first_epoch) * len(images) / train_seconds if epoch > first_epoch else None
 
-    # ---- sampling
-    if guide_taken is None:
+    # ---- sampling: autoguidance for an unconditional model, classifier-free guidance for a conditional one
+    if config["conditional"]:
+        guide = None  # the two guidances are not combined: CFG alone was measured on conditional models
+    elif guide_taken is None:
         guide = None
         if args.guidance != 1:
             print(f"note: {args.checkpoint} holds no guide weights (its run stopped before a quarter of its "
                   "epochs); sampling without guidance", flush=True)
+    per_class = args.num_samples // len(digits)
+    labels = (torch.tensor(digits, device=device).repeat_interleave(per_class) if config["conditional"] else None)
+    if config["conditional"]:
+        print(f"drawing {per_class} of each of: {', '.join(class_names[d] for d in digits)} (one grid row each), "
+              f"classifier-free guidance W={args.cfg:g}", flush=True)
     start = time.perf_counter()
-    samples, snapshots, steps_run = sample(ema.model, schedule, args.num_samples, args.sampler, args.sample_steps,
-                                           device, args.sample_batch_size, dtype, args.seed, guide, args.guidance,
-                                           args.eta)
+    samples, frames, trajectory, steps_run = sample(
+        ema.model, schedule, args.num_samples, args.sampler, args.sample_steps, device, args.sample_batch_size, dtype,
+        args.seed, guide, args.guidance, args.eta, labels, args.cfg,
+        shown=[row * per_class for row in range(min(8, len(digits)))] if config["conditional"] else range(8))
     sample_seconds = time.perf_counter() - start
     if not torch.isfinite(samples).all():  # never save a black grid and call it a success
         fail(f"the sampled digits are not finite (NaN or inf): the weights in {args.checkpoint}"
@@ -698,12 +792,15 @@ def main(argv=None):
     # ---- artifacts
     out_dir = Path(args.out_dir)
     grid_path, trajectory_path = out_dir / "new_creation.png", out_dir / "trajectory.png"
+    gif_path = out_dir / "reverse_process.gif"
+    nrow = per_class if config["conditional"] else math.ceil(math.sqrt(args.num_samples))
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomically(grid_path, png_bytes(samples, nrow=math.ceil(math.sqrt(args.num_samples))))
-    # rows: the first samples; columns: pure noise -> finished digit
-    write_atomically(trajectory_path, png_bytes(torch.stack(snapshots, dim=1).flatten(0, 1), nrow=len(snapshots)))
-    print(f"saved {args.num_samples} samples to {grid_path}, the trajectory to {trajectory_path}"
-          + ("" if args.sample_only else f", the checkpoint to {args.checkpoint}"), flush=True)
+    write_atomically(grid_path, png_bytes(samples, nrow=nrow))
+    # rows: the first samples (conditional: the first of each class); columns: pure noise -> finished digit
+    write_atomically(trajectory_path, png_bytes(trajectory.flatten(0, 1), nrow=trajectory.shape[1]))
+    write_atomically(gif_path, gif_bytes(frames, nrow=min(nrow, 64)))
+    print(f"saved {args.num_samples} samples to {grid_path}, the trajectory to {trajectory_path}, its animation to "
+          f"{gif_path}" + ("" if args.sample_only else f", the checkpoint to {args.checkpoint}"), flush=True)
     result = {
         "destination": str(out_dir), "path": str(grid_path), "fileName": grid_path.name, "success": True,
         "details": {
@@ -715,8 +812,12 @@ def main(argv=None):
             "trainSeconds": round(train_seconds, 1) if train_seconds is not None else None,
             "sampler": args.sampler, "sampleSteps": steps_run, "eta": args.eta if args.sampler != "ddpm" else None,
             "guidance": args.guidance if guide is not None else 1.0,
+            "conditional": config["conditional"], "classes": digits if config["conditional"] else None,
+            "classNames": [class_names[d] for d in digits] if config["conditional"] else None,
+            "cfg": args.cfg if config["conditional"] else None,
             "numSamples": args.num_samples, "sampleSeconds": round(sample_seconds, 2),
-            "trajectory": str(trajectory_path), "checkpoint": str(args.checkpoint), "seed": args.seed,
+            "trajectory": str(trajectory_path), "animation": str(gif_path), "checkpoint": str(args.checkpoint),
+            "seed": args.seed,
         },
     }
     print(json.dumps(result, allow_nan=False))

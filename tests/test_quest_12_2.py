@@ -124,7 +124,7 @@ def test_preprocessing_equals_the_spec_transform_pipeline(quest, mnist_root):
     spec = transforms.Compose([transforms.Resize(32), transforms.ToTensor(), transforms.Normalize((0.5,), (0.5,))])
     dataset = datasets.MNIST(root=mnist_root, train=True, download=False, transform=spec)
     expected = torch.stack([dataset[i][0] for i in range(32)])
-    ours = quest.load_training_images("mnist", mnist_root, torch.device("cpu"))[:32]
+    ours = quest.load_training_images("mnist", mnist_root, torch.device("cpu"))[0][:32]
     assert ours.shape == expected.shape == (32, 1, 32, 32)
     assert ours.min() >= -1 and ours.max() <= 1
     # PIL and torchvision's tensor resize may round one grey level apart (2/255 in [-1, 1] units).
@@ -179,12 +179,12 @@ class GaussianData(torch.nn.Module):
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 def test_dpm_solver_lands_on_the_data_distribution_in_20_steps(quest, eta):
     schedule = quest.NoiseSchedule(300, torch.device("cpu"))
-    images, _, steps = quest.sample(GaussianData(schedule, 0.2, 0.3), schedule, 64, "dpm", 20, torch.device("cpu"),
+    images, *_, steps = quest.sample(GaussianData(schedule, 0.2, 0.3), schedule, 64, "dpm", 20, torch.device("cpu"),
                                     seed=1, eta=eta)
     assert steps == 20
     assert abs(images.mean() - 0.2) < 0.01 and abs(images.std() - 0.3) < 0.015, (images.mean(), images.std())
     # the check can fail: two DDIM steps with the same exact model land far from it
-    coarse, _, _ = quest.sample(GaussianData(schedule, 0.2, 0.3), schedule, 64, "ddim", 2, torch.device("cpu"), seed=1)
+    coarse, *_ = quest.sample(GaussianData(schedule, 0.2, 0.3), schedule, 64, "ddim", 2, torch.device("cpu"), seed=1)
     assert abs(coarse.std() - 0.3) > 0.015
 
 
@@ -286,12 +286,12 @@ def tiny_model(quest):
 def test_chunked_sampling_gives_the_same_images_as_one_pass(tiny_model, sampler, eta):
     quest, model, schedule = tiny_model
     cpu = torch.device("cpu")
-    whole, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=3, eta=eta)
-    chunked, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=4, seed=3, eta=eta)
+    whole, *_ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=3, eta=eta)
+    chunked, *_ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=4, seed=3, eta=eta)
     assert whole.shape == (10, 1, 32, 32)
     # the same random draws; only the batch size of the convolutions differs (float rounding)
     assert torch.allclose(whole, chunked, atol=1e-4), (whole - chunked).abs().max()
-    other, _, _ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=4, eta=eta)
+    other, *_ = quest.sample(model, schedule, 10, sampler, 5, cpu, batch_size=10, seed=4, eta=eta)
     assert not torch.allclose(whole, other)
 
 
@@ -312,26 +312,26 @@ def test_guidance_extrapolates_away_from_the_guide_and_1_is_plain_sampling(tiny_
     cpu = torch.device("cpu")
     torch.manual_seed(1)
     weaker = quest.SimpleUNet(base_channels=8)
-    plain, _, _ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3)
-    off, _, _ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=weaker, guidance=1.0)
+    plain, *_ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3)
+    off, *_ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=weaker, guidance=1.0)
     assert torch.equal(plain, off)  # --guidance 1: the spec's sampling, the guide is not even run
-    itself, _, _ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=model, guidance=2.0)
+    itself, *_ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=model, guidance=2.0)
     assert torch.allclose(plain, itself, atol=1e-5)  # eps_g + w (eps - eps_g) = eps when the guide is the model
-    guided, _, _ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=weaker, guidance=2.0)
+    guided, *_ = quest.sample(model, schedule, 6, sampler, 5, cpu, seed=3, guide=weaker, guidance=2.0)
     assert not torch.allclose(plain, guided, atol=1e-3)
     assert guided.min() >= -1 and guided.max() <= 1 and torch.isfinite(guided).all()
     # the combination itself: models that predict constants a (main) and b (guide) act as one predicting b + w (a - b)
     a, b, w = 0.3, -0.1, 2.5
-    pushed, _, _ = quest.sample(Constant(a), schedule, 6, sampler, 5, cpu, seed=3, guide=Constant(b), guidance=w)
-    expected, _, _ = quest.sample(Constant(b + w * (a - b)), schedule, 6, sampler, 5, cpu, seed=3)
+    pushed, *_ = quest.sample(Constant(a), schedule, 6, sampler, 5, cpu, seed=3, guide=Constant(b), guidance=w)
+    expected, *_ = quest.sample(Constant(b + w * (a - b)), schedule, 6, sampler, 5, cpu, seed=3)
     assert torch.allclose(pushed, expected, atol=1e-5)
     assert quest.guide_epoch(30) == 8 and quest.guide_epoch(20) == 5 and quest.guide_epoch(1) == 1
 
 
 def test_ddim_stays_in_range_and_rederives_the_noise_from_the_clamped_x0(tiny_model):
     quest, model, schedule = tiny_model
-    images, snapshots, steps = quest.sample(model, schedule, 6, "ddim", 10, torch.device("cpu"))
-    assert steps == 10 and len(snapshots) == quest.TRAJECTORY_POINTS
+    images, frames, trajectory, steps = quest.sample(model, schedule, 6, "ddim", 10, torch.device("cpu"))
+    assert steps == 10 and len(frames) == 11 and trajectory.shape == (6, quest.TRAJECTORY_POINTS, 1, 32, 32)
     assert images.min() >= -1 and images.max() <= 1 and torch.isfinite(images).all()
     # one step from t to t_prev with a wild noise guess: the x0 it lands on is the clamped one, exactly
     x = torch.randn(2, 1, 32, 32)
@@ -362,9 +362,9 @@ def test_ddim_eta_adds_the_posterior_noise_and_0_is_deterministic(tiny_model):
     assert torch.allclose(without_fresh, ab_prev.sqrt() * x0 + (1 - ab_prev - sigma ** 2).sqrt() * rederived, atol=1e-5)
     last = schedule.ddim_step(x, eps, t, -1, 1.0, fresh)
     assert torch.allclose(last, schedule.ddim_step(x, eps, t, -1), atol=1e-6)  # no noise after the last step: x0
-    once, _, _ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=1.0)
-    again, _, _ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=1.0)
-    plain, _, _ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=0.0)
+    once, *_ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=1.0)
+    again, *_ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=1.0)
+    plain, *_ = quest.sample(model, schedule, 6, "ddim", 5, cpu, seed=3, eta=0.0)
     assert torch.equal(once, again) and not torch.allclose(once, plain, atol=1e-3)  # seeded, and noise was added
     assert once.min() >= -1 and once.max() <= 1 and torch.isfinite(once).all()
 
@@ -377,7 +377,7 @@ def test_the_unet_learns_to_predict_the_noise(quest, mnist_root):
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     schedule = quest.NoiseSchedule(20, cpu)
-    images = quest.load_training_images("mnist", mnist_root, cpu)
+    images = quest.load_training_images("mnist", mnist_root, cpu)[0]
     train, held_out = images[:448], images[448:]
     t = torch.randint(0, 20, (len(held_out),))
     noise = torch.randn_like(held_out)
@@ -597,3 +597,93 @@ def test_a_signal_while_the_libraries_load_ends_in_one_line(tmp_path, sig):
     assert proc.returncode == 128 + sig
     assert_clean_failure(proc, "interrupted while starting", "nothing was done")
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------- class-conditional generation, classifier-free guidance
+class ClassConstant(torch.nn.Module):
+    """A stand-in conditional UNet: predicts, everywhere, the value its class (or NO_CLASS, the last) is given."""
+
+    def __init__(self, values):
+        super().__init__()
+        self.values = torch.tensor(values)
+
+    def forward(self, x, t, labels):
+        return self.values[labels].view(-1, 1, 1, 1).expand_as(x).clone()
+
+
+@pytest.mark.parametrize("sampler", ["dpm", "ddpm"])
+def test_cfg_1_is_conditional_sampling_0_unconditional_and_w_extrapolates(quest, sampler):
+    schedule, cpu = quest.NoiseSchedule(20, torch.device("cpu")), torch.device("cpu")
+    values = [0.1 * digit - 0.4 for digit in range(10)] + [0.05]  # the last: the unconditional prediction
+    labels = torch.tensor([3, 3, 7, 7])
+
+    def drawn(model, **guidance):
+        return quest.sample(model, schedule, 4, sampler, 8, cpu, seed=2, **guidance)[0]
+
+    conditional = drawn(ClassConstant(values), labels=labels, cfg=1.0)
+    per_sample = torch.tensor([values[label] for label in labels.tolist()])
+    for cfg in (0.0, 1.0, 2.5):
+        expected = per_sample * cfg + values[-1] * (1 - cfg)  # eps_uncond + W (eps_cond - eps_uncond)
+        stub = ClassConstant(expected.tolist() + [0.0])  # sample i gets class i: the expected value for it
+        assert torch.allclose(drawn(ClassConstant(values), labels=labels, cfg=cfg),
+                              drawn(stub, labels=torch.arange(4), cfg=1.0), atol=1e-5), cfg
+    assert not torch.allclose(conditional, drawn(ClassConstant(values), labels=labels, cfg=0.0), atol=1e-3)
+
+
+def test_labels_are_dropped_to_no_class_at_the_cond_drop_rate(quest):
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x, t, labels):
+            self.labels = labels
+            return x * 0 + self.weight
+
+    torch.manual_seed(0)
+    recorder, labels = Recorder(), torch.arange(4000) % 10
+    quest.train_step(recorder, torch.optim.Adam(recorder.parameters()), quest.NoiseSchedule(20, torch.device("cpu")),
+                     torch.zeros(4000, 1, 32, 32), None, 5.0, labels, cond_drop=0.25)
+    dropped = recorder.labels == quest.NO_CLASS
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    assert torch.equal(recorder.labels[~dropped], labels[~dropped])  # the others keep their class
+
+
+@pytest.mark.parametrize("text, classes", [("7", [7]), ("0-9", list(range(10))), ("3,5,8", [3, 5, 8]),
+                                           ("0-2,9", [0, 1, 2, 9])])
+def test_digits_lists(quest, text, classes):
+    assert quest.parse_args(["--digits", text]).digits == classes
+
+
+@pytest.mark.parametrize("text", ["11", "a", "", "5-3", "-1"])
+def test_bad_digits_fail_in_one_line(quest, text):
+    one_line_error(lambda: quest.parse_args(["--digits", text]), "--digits", "0-9")
+
+
+def test_digits_need_a_conditional_model_and_a_matching_num_samples(quest, tiny_checkpoint, mnist_root, tmp_path):
+    one_line_error(lambda: quest.main(["--sample-only", "--checkpoint", str(tiny_checkpoint), "--digits", "7",
+                                       "--out-dir", str(tmp_path / "o")]), "--digits", "conditional")
+    one_line_error(lambda: quest.main(["--conditional", "--digits", "0-2", "--num-samples", "4", "--data-dir",
+                                       str(mnist_root), "--out-dir", str(tmp_path / "o")]),
+                   "--num-samples 4", "multiple of the 3 classes", "--num-samples 3")
+    one_line_error(lambda: quest.check_args(quest.parse_args(["--sample-only", "--conditional"])), "--conditional")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_a_conditional_model_trains_resumes_and_draws_the_rows_asked_for(quest, capsys, mnist_root, tmp_path):
+    out = tmp_path / "out"
+    first = run_main(quest, capsys, "--conditional", "--data-dir", mnist_root, "--out-dir", out, *TINY, "--digits",
+                     "3,5", "--num-samples", "6", "--device", "cpu")["details"]
+    assert first["conditional"] is True and first["classes"] == [3, 5] and first["classNames"] == ["3", "5"]
+    assert first["cfg"] == 3.0 and first["guidance"] == 1.0  # CFG, not autoguidance, for a conditional model
+    with Image.open(out / "new_creation.png") as grid:  # one row per class, 3 digits each
+        assert grid.size == grid_size(6, nrow=3)
+    with Image.open(out / "reverse_process.gif") as gif:  # noise, then one frame per kept step
+        assert gif.n_frames == 1 + first["sampleSteps"] and gif.size == grid_size(6, nrow=3)
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["conditional"] is True
+    resumed = run_main(quest, capsys, "--resume", "--data-dir", mnist_root, "--out-dir", out, "--epochs", "2",
+                       "--num-samples", "10", "--device", "cpu")["details"]
+    assert resumed["epochs"] == 2 and resumed["classes"] == list(range(10))
+    with Image.open(out / "new_creation.png") as grid:  # the default 0-9: ten rows of one
+        assert grid.size == grid_size(10, nrow=1)
