@@ -50,7 +50,7 @@ IMAGE_SIZE = 32
 TRAJECTORY_POINTS = 8  # columns of trajectory.png: pure noise ... finished digit
 BETA_SCHEDULES = ("linear-scaled", "cosine", "linear")
 SAMPLERS = ("dpm", "ddim", "ddpm")
-DEFAULT_SAMPLE_STEPS = {"dpm": 20, "ddim": 100}  # DDPM always runs all T steps
+DEFAULT_SAMPLE_STEPS = {"dpm": 25, "ddim": 100}  # DDPM always runs all T steps
 CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
                "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                                  "Bag", "Ankle boot"]}
@@ -142,7 +142,7 @@ def parse_args(argv=None):
                    help="dpm: DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095) over --sample-steps; ddim: Song et "
                         "al. over --sample-steps; ddpm: Ho et al. Algorithm 2 over all T steps (the spec)")
     p.add_argument("--sample-steps", type=number(int, 1, MAX_TIMESTEPS), default=None,
-                   help="steps of dpm (default 20) and ddim (default 100); ddpm always runs all T steps")
+                   help="steps of dpm (default 25) and ddim (default 100); ddpm always runs all T steps")
     p.add_argument("--eta", type=number(float, 0, 1), default=1.0,
                    help="dpm and ddim: 0 = the deterministic solver; 1 = fresh noise at every step, as much as DDPM "
                         "adds (dpm: its SDE form, diffusers' sde-dpmsolver++)")

@@ -251,7 +251,7 @@ def quality(args, device):
         eta = float(eta) if eta else args.eta
         cfg = float(cfg) if cfg else args.cfg
         start = time.perf_counter()
-        samples, _, steps_run = quest.sample(model, schedule, n, sampler, steps, device,
+        samples, *_, steps_run = quest.sample(model, schedule, n, sampler, steps, device,
                                              dtype=quest.speed_path("auto", device)[0], seed=args.seed,
                                              guide=guide, guidance=args.guidance, eta=eta, labels=asked, cfg=cfg)
         seconds = time.perf_counter() - start

@@ -84,7 +84,7 @@ def test_flags_that_contradict_each_other_fail_in_one_line_and_create_nothing(qu
 
 def test_the_defaults_and_the_seed_and_budget_ranges(quest):
     args = quest.parse_args([])
-    assert (args.sampler, args.sample_steps, args.eta, args.guidance) == ("dpm", 20, 1.0, 2.0)
+    assert (args.sampler, args.sample_steps, args.eta, args.guidance) == ("dpm", 25, 1.0, 2.0)
     assert quest.parse_args(["--sampler", "ddim"]).sample_steps == 100
     assert args.beta_schedule == "linear-scaled" and args.timesteps == 300 and args.epochs == 20
     assert args.batch_size == 128 and args.time_budget is None
@@ -408,7 +408,7 @@ def trained(request, mnist_root, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_tiny_run_writes_grid_trajectory_checkpoint_and_json(trained):
+def test_tiny_run_writes_grid_trajectory_checkpoint_and_json(quest, trained):
     device, out_dir, result = trained
     assert result["success"] is True
     assert result["fileName"] == "new_creation.png"
@@ -416,8 +416,10 @@ def test_tiny_run_writes_grid_trajectory_checkpoint_and_json(trained):
     details = result["details"]
     assert details["device"].startswith(device)
     assert details["epochs"] == 1 and details["timesteps"] == 20
-    # DPM-Solver's 20 steps even in log-SNR fall on 14 distinct whole t when T is only 20
-    assert (details["sampler"], details["sampleSteps"], details["eta"]) == ("dpm", 14, 1.0)
+    # DPM-Solver's steps even in log-SNR fall on fewer distinct whole t when T is only 20
+    steps = quest.sample_steps("dpm", quest.NoiseSchedule(20, torch.device("cpu")), 25)
+    assert len(steps) < 20 and steps[0] == 19 and steps[-1] == 0
+    assert (details["sampler"], details["sampleSteps"], details["eta"]) == ("dpm", len(steps), 1.0)
     assert details["guidance"] == 2.0  # guided by the checkpoint's guide weights
     with Image.open(out_dir / "new_creation.png") as grid:
         assert grid.size == grid_size(8, nrow=3)
