@@ -133,9 +133,9 @@ def parse_args(argv=None):
     p.add_argument("--digits", type=class_list, default=None,
                    help="conditional checkpoints: the classes to draw, one grid row each, e.g. 7, 0-9 or 3,5,8 "
                         "(default 0-9)")
-    p.add_argument("--cfg", type=number(float, 0, 100), default=3.0,
+    p.add_argument("--cfg", type=number(float, 0, 100), default=1.5,
                    help="conditional checkpoints: classifier-free guidance weight W, eps_uncond + W * (eps_cond - "
-                        "eps_uncond); 1 = plain conditional sampling, 0 = unconditional")
+                        "eps_uncond); 1 = plain conditional sampling, 0 = unconditional; more W: surer, less varied")
     p.add_argument("--num-samples", type=number(int, 1, 100_000), default=64,
                    help="digits to generate (conditional: a multiple of the number of --digits)")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpm",

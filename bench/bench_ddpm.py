@@ -64,7 +64,7 @@ def parse_args():
     p.add_argument("--guidance", type=quest.number(float, 0, low_open=True), default=2.0,
                    help="quality: autoguidance weight with the checkpoint's guide weights (1 = plain sampling)")
     p.add_argument("--eta", type=quest.number(float, 0, 1), default=1.0, help="quality: DPM-Solver/DDIM eta (0 = deterministic)")
-    p.add_argument("--cfg", type=float, default=3.0, help="quality, conditional checkpoints: classifier-free guidance W")
+    p.add_argument("--cfg", type=float, default=1.5, help="quality, conditional checkpoints: classifier-free guidance W")
     p.add_argument("--runs", default=None,
                    help="quality: several samplings of the same checkpoint, scored by the same judge, e.g. "
                         "'dpm:20:1 dpm:20:0 ddpm' (SAMPLER[:STEPS[:ETA[:CFG]]]); default: --sampler/--sample-steps/--eta/--cfg")
@@ -232,7 +232,7 @@ def quality(args, device):
     if "guide" in checkpoint and args.guidance != 1 and not conditional:
         guide = copy.deepcopy(model)  # the same architecture
         guide.load_state_dict(checkpoint["guide"])
-    elif args.guidance != 1:
+    elif args.guidance != 1 and not conditional:
         print(f"note: {args.checkpoint} holds no guide weights; scoring plain sampling", flush=True)
     schedule = quest.NoiseSchedule(config["timesteps"], device, config["beta_schedule"])
     test_digits = quest.preprocess(datasets.MNIST(args.data_dir, train=False).data).to(device)

@@ -678,7 +678,7 @@ def test_a_conditional_model_trains_resumes_and_draws_the_rows_asked_for(quest, 
     first = run_main(quest, capsys, "--conditional", "--data-dir", mnist_root, "--out-dir", out, *TINY, "--digits",
                      "3,5", "--num-samples", "6", "--device", "cpu")["details"]
     assert first["conditional"] is True and first["classes"] == [3, 5] and first["classNames"] == ["3", "5"]
-    assert first["cfg"] == 3.0 and first["guidance"] == 1.0  # CFG, not autoguidance, for a conditional model
+    assert first["cfg"] == 1.5 and first["guidance"] == 1.0  # CFG, not autoguidance, for a conditional model
     with Image.open(out / "new_creation.png") as grid:  # one row per class, 3 digits each
         assert grid.size == grid_size(6, nrow=3)
     with Image.open(out / "reverse_process.gif") as gif:  # noise, then one frame per kept step
