@@ -3,7 +3,9 @@
     python bench/bench_ddpm.py speed   --data-dir assets/mnist-5k
         training images/s of the script's pipeline (one preprocessed tensor on the device, index-drawn
         batches) vs the spec-literal one (torchvision transforms per sample + DataLoader), same model
-        and batch size; and seconds to sample 64 digits with DDPM-300 vs DDIM-100 (guided, as the script samples).
+        and batch size; the achieved training GFLOP/s beside a large matmul's, same precision, same run; and the
+        seconds to sample 64 digits with DDPM-300, DDIM-100 and DPM-Solver-20, and 256 with DPM-Solver-20 (guided,
+        as the script samples).
 
     python bench/bench_ddpm.py cpu --batch-size 32
         one training step of the quickstart's UNet in fp32, bf16 autocast, channels_last (fp32 and bf16) and
@@ -35,6 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision import datasets, transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -56,13 +59,20 @@ def parse_args():
     p.add_argument("--sample-batch-size", type=int, default=64, help="cpu: chunk size for sampling")
     p.add_argument("--checkpoint", type=Path, default=Path("chaos_sculptures/checkpoint.pt"), help="quality")
     p.add_argument("--num-samples", type=int, default=256, help="quality: digits to generate and score")
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="quality")
-    p.add_argument("--sample-steps", type=int, default=100, help="quality: DDIM steps (the script's default)")
-    p.add_argument("--guidance", type=quest.positive_float, default=2.0,
+    p.add_argument("--sampler", choices=quest.SAMPLERS, default="ddpm", help="quality")
+    p.add_argument("--sample-steps", type=int, default=None, help="quality: DPM-Solver/DDIM steps (default: the script's)")
+    p.add_argument("--guidance", type=quest.number(float, 0, low_open=True), default=2.0,
                    help="quality: autoguidance weight with the checkpoint's guide weights (1 = plain sampling)")
-    p.add_argument("--eta", type=quest.ddim_eta, default=1.0, help="quality: DDIM's eta (0 = deterministic)")
-    p.add_argument("--grid", type=Path, default=None, help="quality: also save the scored samples as a PNG grid")
-    return p.parse_args()
+    p.add_argument("--eta", type=quest.number(float, 0, 1), default=1.0, help="quality: DPM-Solver/DDIM eta (0 = deterministic)")
+    p.add_argument("--cfg", type=float, default=1.5, help="quality, conditional checkpoints: classifier-free guidance W")
+    p.add_argument("--runs", default=None,
+                   help="quality: several samplings of the same checkpoint, scored by the same judge, e.g. "
+                        "'dpm:20:1 dpm:20:0 ddpm' (SAMPLER[:STEPS[:ETA[:CFG]]]); default: --sampler/--sample-steps/--eta/--cfg")
+    p.add_argument("--grid", type=Path, default=None,
+                   help="quality: also save the scored samples as PNG grids (the sampler is added to the name)")
+    args = p.parse_args()
+    args.sample_steps = args.sample_steps or quest.DEFAULT_SAMPLE_STEPS.get(args.sampler, 0)
+    return args
 
 
 def sync(device):
@@ -72,7 +82,7 @@ def sync(device):
 
 def time_training(batches, model, optimizer, schedule, steps, device):
     """Images/s over `steps` training steps fed by `batches` (after two warm-up steps), the script's precision."""
-    dtype = quest.autocast_dtype("auto", device)
+    dtype = quest.speed_path("auto", device)[0]
     seen, start = 0, None
     for i, x0 in enumerate(batches):
         if i == 2:
@@ -123,14 +133,43 @@ def speed(args, device):
     ratio = train_rate["script: on-device tensor"] / train_rate["spec-literal DataLoader"]
     print(f"training speed-up of the script's pipeline: {ratio:.2f}x")
 
-    ema_model, guide = model.eval(), copy.deepcopy(model).eval()  # the script's defaults: guided, DDIM-100 eta 1
-    print(f"\n{'sampler (64 digits, guided)':28} {'seconds':>12}")
-    for sampler, steps in (("ddpm", 300), ("ddim", 100)):
+    # achieved GFLOP/s: the FLOPs of one training step (forward + backward, counted by torch) per image, times the
+    # images/s above, beside what this machine does on a large matmul in the same precision, in the same run
+    dtype = quest.speed_path("auto", device)[0]
+    batch = torch.rand(args.batch_size, 1, 32, 32, device=device) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        quest.train_step(model, optimizer, schedule, batch, dtype, 5.0)
+    flops_per_image = counter.get_total_flops() / args.batch_size
+    achieved = flops_per_image * train_rate["script: on-device tensor"] / 1e9
+    matmul = matmul_gflops(device, dtype)
+    print(f"\ntraining: {flops_per_image / 1e6:.0f} MFLOP per image (forward + backward) -> {achieved:.1f} GFLOP/s "
+          f"achieved, {achieved / matmul:.0%} of a 2048x2048 matmul's {matmul:.1f} GFLOP/s "
+          f"({'bf16' if dtype else 'fp32'}, this run)")
+
+    ema_model, guide = model.eval(), copy.deepcopy(model).eval()  # the script samples guided
+    print(f"\n{'sampler (guided)':28} {'digits':>6} {'seconds':>9} {'ms/digit':>9}")
+    seconds = {}
+    for sampler, steps, n in (("ddpm", 300, 64), ("ddim", 100, 64), ("dpm", 20, 64), ("dpm", 20, 256)):
         sync(device)
         start = time.perf_counter()
-        quest.sample(ema_model, schedule, 64, sampler, steps, device, guide=guide, guidance=2.0, eta=1.0)
+        quest.sample(ema_model, schedule, n, sampler, steps, device, dtype=dtype, guide=guide, guidance=2.0, eta=1.0)
         sync(device)
-        print(f"{sampler.upper() + '-' + str(steps):28} {time.perf_counter() - start:12.2f}")
+        seconds[sampler, n] = time.perf_counter() - start
+        print(f"{sampler.upper() + '-' + str(steps):28} {n:6} {seconds[sampler, n]:9.2f} {1000 * seconds[sampler, n] / n:9.1f}")
+    print(f"DPM-20: 256 digits take {seconds['dpm', 256] / seconds['dpm', 64]:.2f}x the time of 64 (4x = flat per digit)")
+
+
+def matmul_gflops(device, dtype, size=2048, seconds=2.0):
+    """GFLOP/s of a large square matmul in the given precision (None: fp32), the best of repeated timings."""
+    a, b = (torch.rand(size, size, device=device, dtype=dtype or torch.float32) for _ in range(2))
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        sync(device)
+        start = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * size ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def train_digit_classifier(data_dir, device, epochs=8):
@@ -178,57 +217,68 @@ def frechet_distance(a, b):
 
 
 def quality(args, device):
+    """Scores each of --runs (default: the one --sampler/--sample-steps/--eta) on the same checkpoint and judge."""
     torch.manual_seed(args.seed)
     classifier, test_accuracy = train_digit_classifier(args.data_dir, device)
     checkpoint = torch.load(args.checkpoint, map_location=device, weights_only=True)
     config = checkpoint["config"]
+    conditional = config.get("conditional", False)
     model = quest.SimpleUNet(base_channels=config["base_channels"], attention=config["attention"],
-                             channel_mult=tuple(config.get("channel_mult", (1, 2, 2)))).to(device)
+                             channel_mult=tuple(config["channel_mult"]), num_classes=10 if conditional else 0).to(device)
     model.load_state_dict(checkpoint["ema"])
-    guide = None  # autoguidance's weaker model, as the script samples with it
-    if "guide" in checkpoint and args.guidance != 1:
+    guide = None  # autoguidance's weaker model, as the script samples with it (unconditional models only)
+    if conditional and args.num_samples % 10:
+        sys.exit(f"error: a conditional checkpoint is scored on all 10 classes; pass a --num-samples divisible by 10")
+    if "guide" in checkpoint and args.guidance != 1 and not conditional:
         guide = copy.deepcopy(model)  # the same architecture
         guide.load_state_dict(checkpoint["guide"])
-    elif args.guidance != 1:
+    elif args.guidance != 1 and not conditional:
         print(f"note: {args.checkpoint} holds no guide weights; scoring plain sampling", flush=True)
-    schedule = quest.NoiseSchedule(config["timesteps"], device, config.get("beta_schedule", "linear"))
-    start = time.perf_counter()
-    samples, _, _ = quest.sample(model, schedule, args.num_samples, args.sampler, args.sample_steps, device,
-                                 dtype=quest.autocast_dtype("auto", device), seed=args.seed,
-                                 guide=guide, guidance=args.guidance, eta=args.eta)
-    seconds = time.perf_counter() - start
+    schedule = quest.NoiseSchedule(config["timesteps"], device, config["beta_schedule"])
     test_digits = quest.preprocess(datasets.MNIST(args.data_dir, train=False).data).to(device)
     n = args.num_samples
     if len(test_digits) < 2 * n:
         sys.exit(f"error: the real-vs-real reference needs {2 * n} test digits, {args.data_dir} has {len(test_digits)}")
-    if args.grid:
-        args.grid.write_bytes(quest.png_bytes(samples, nrow=16))
-    print(f"\ncheckpoint {args.checkpoint} (epoch {checkpoint['epoch']}, base {config['base_channels']}, "
-          f"T={config['timesteps']}, {config.get('beta_schedule', 'linear')} betas), sampler {args.sampler}"
-          f"{'' if args.sampler == 'ddpm' else f'-{args.sample_steps} eta {args.eta:g}'}, "
-          f"{f'autoguidance {args.guidance:g}' if guide is not None else 'no guidance'}, {n} samples in {seconds:.1f}s")
-    print(f"judge: CNN trained on the real digits, test accuracy {test_accuracy:.3f}")
-    features = {}
-    figures = {"checkpoint": str(args.checkpoint), "sampler": args.sampler, "n": n,
-               **({"eta": args.eta} if args.sampler == "ddim" else {}),
-               "guidance": args.guidance if guide is not None else 1.0}
-    for name, images in (("generated", samples), ("real test digits", test_digits[:n]),
-                         ("real test digits, 2nd half", test_digits[n:2 * n])):
-        features[name], probabilities = judge_features(classifier, images)
+    real, _ = judge_features(classifier, test_digits[:n])
+    fd_real = frechet_distance(judge_features(classifier, test_digits[n:2 * n])[0], real)
+    print(f"judge: CNN trained on the real digits, test accuracy {test_accuracy:.3f}; real-vs-real FD {fd_real:.1f} "
+          f"(n={n})")
+    runs = args.runs.split() if args.runs else [f"{args.sampler}:{args.sample_steps}:{args.eta:g}:{args.cfg:g}"]
+    asked = torch.arange(10, device=device).repeat_interleave(n // 10) if conditional else None
+    for run in runs:
+        sampler, steps, eta, cfg = (run.split(":") + [None, None, None])[:4]
+        steps = int(steps) if steps else quest.DEFAULT_SAMPLE_STEPS.get(sampler, 0)
+        eta = float(eta) if eta else args.eta
+        cfg = float(cfg) if cfg else args.cfg
+        start = time.perf_counter()
+        samples, *_, steps_run = quest.sample(model, schedule, n, sampler, steps, device,
+                                             dtype=quest.speed_path("auto", device)[0], seed=args.seed,
+                                             guide=guide, guidance=args.guidance, eta=eta, labels=asked, cfg=cfg)
+        seconds = time.perf_counter() - start
+        if args.grid:
+            args.grid.with_name(f"{args.grid.stem}-{sampler}{steps_run}{f'-cfg{cfg:g}' if conditional else ''}"
+                                f"{args.grid.suffix}").write_bytes(quest.png_bytes(samples, nrow=n // 10 if conditional else 16))
+        features, probabilities = judge_features(classifier, samples)
         confidence, label = probabilities.max(dim=1)
         confident = confidence >= 0.9
         counts = torch.bincount(label[confident], minlength=10).tolist()
-        if name != "real test digits, 2nd half":
-            print(f"{name:20} confident (p >= 0.9): {confident.float().mean().item():6.1%}   "
-                  f"classes: {sum(c > 0 for c in counts)}/10   per class: {counts}")
-        if name == "generated":
-            figures.update(confident=round(confident.float().mean().item(), 4), classes=sum(c > 0 for c in counts))
-    fd = frechet_distance(features["generated"], features["real test digits"])
-    fd_real = frechet_distance(features["real test digits, 2nd half"], features["real test digits"])
-    print(f"Frechet distance to real test digits (judge features, n={n}): generated {fd:.1f}, "
-          f"real-vs-real {fd_real:.1f}, ratio {fd / fd_real:.2f}")
-    figures.update(fd=round(fd, 2), fd_real=round(fd_real, 2), fd_ratio=round(fd / fd_real, 3))
-    print(json.dumps(figures))
+        fd = frechet_distance(features, real)
+        figures = {"checkpoint": str(args.checkpoint), "sampler": sampler, "steps": steps_run, "n": n,
+                   **({"eta": eta} if sampler != "ddpm" else {}),
+                   "guidance": args.guidance if guide is not None else 1.0,
+                   "confident": round(confident.float().mean().item(), 4), "classes": sum(c > 0 for c in counts),
+                   **({"cfg": cfg, "asked": round((confident & (label == asked)).float().mean().item(), 4)}
+                      if conditional else {}),
+                   "fd": round(fd, 2), "fd_real": round(fd_real, 2), "fd_ratio": round(fd / fd_real, 3),
+                   "seconds": round(seconds, 1)}
+        name = f"{sampler}-{steps_run}" + ("" if sampler == "ddpm" else f" eta {eta:g}")
+        if conditional:
+            name += f" cfg {cfg:g}: the class asked for, confidently, {figures['asked']:.1%};"
+        else:
+            name += ":"
+        print(f"{name} confident (p >= 0.9) {figures['confident']:.1%}, classes {figures['classes']}/10, per class "
+              f"{counts}, FD {fd:.1f} ({fd / fd_real:.2f}x real), {seconds:.1f} s")
+        print(json.dumps(figures), flush=True)
 
 
 def best_train_rates(runs, schedule, args, device):
@@ -277,7 +327,7 @@ def cpu_variants(args, device):
         print(f"{name:22} {rate:12.1f} {rate / rates['fp32']:7.2f}x")
 
     model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device).eval()
-    dtype = quest.autocast_dtype("auto", device)
+    dtype = quest.speed_path("auto", device)[0]
     print(f"\n{'DDIM-20 sampling':32} {'seconds':>8} {'ms/digit':>9}")
     for n in (64, 256):
         for chunk in sorted({n, args.sample_batch_size}):
@@ -297,7 +347,7 @@ def width_variants(args, device):
     """Training img/s of one step for each UNet width, interleaved, in the precision the script picks."""
     torch.manual_seed(args.seed)
     schedule = quest.NoiseSchedule(300, device)
-    dtype = quest.autocast_dtype("auto", device)
+    dtype = quest.speed_path("auto", device)[0]
     images = torch.rand(args.batch_size * 8, 1, 32, 32, device=device) * 2 - 1
     runs = {}
     for name, (base, mult) in WIDTHS.items():
