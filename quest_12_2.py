@@ -32,6 +32,8 @@ def raise_interrupt(signum, frame):
 
 signal.signal(signal.SIGTERM, raise_interrupt)
 try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
+    if hasattr(signal, "pthread_sigmask"):  # held until the imports end: one landing inside numpy's C import breaks it
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     import torch
     import torch.nn as nn
     import torch.nn.functional as F
@@ -40,6 +42,8 @@ try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
     from PIL import Image
     from torchvision.utils import save_image
     from tqdm import tqdm
+    if hasattr(signal, "pthread_sigmask"):  # a signal held meanwhile is raised here, inside this guard
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 except KeyboardInterrupt as stop:
     print("error: interrupted while starting; nothing was done", file=sys.stderr)
     sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))
@@ -960,7 +964,7 @@ def load_mnist(name, data_dir, train):
     dataset_class = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
     raw, split = Path(data_dir) / dataset_class.__name__ / "raw", "train" if train else "t10k"
     image_file, label_file = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
-    if not (image_file.is_file() and label_file.is_file()):
+    if not (os.path.isfile(image_file) and os.path.isfile(label_file)):  # False, not an error, for too long a name
         try:  # torchvision fetches the four raw files into <data_dir>/<class>/raw
             dataset_class(root=data_dir, train=train, download=True)
         except Exception as err:  # URLError is an OSError; a failed or bad download surfaces as other errors too
