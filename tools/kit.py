@@ -71,7 +71,8 @@ def interrupt_script(script, *args, ready, cwd, env=None, timeout=120, sig=signa
     """Run the script as a user would, wait for a stdout line that starts with `ready`, press Ctrl-C (a real
     SIGINT; sig=signal.SIGTERM sends what `timeout` or a scheduler sends) and return the CompletedProcess, str
     output with carriage returns kept. The child gets the default SIGINT handler: a job started in the
-    background (`cmd &`, CI under nohup) hands SIGINT down ignored, and Python then never raises KeyboardInterrupt. stderr goes to a file, so progress bars never block on a pipe."""
+    background (`cmd &`, CI under nohup) hands SIGINT down ignored, and Python then never raises
+    KeyboardInterrupt. stderr goes to a file, so progress bars never block on a pipe."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, **(env or {})}
     command = [sys.executable, str(REPO / script), *map(str, args)]
     with tempfile.TemporaryFile() as stderr_file:
@@ -210,8 +211,6 @@ def write_palette(path, count=4, size=(48, 40)):
         pixels = rng.integers(0, 256, (size[1], size[0], len(mode)), dtype=np.uint8)
         Image.fromarray(pixels, mode).save(path / f"palette_{index}.png")
     return path
-
-
 
 
 def write_captioned_images(path, captions, size=(40, 40), metadata=False):
