@@ -94,15 +94,22 @@ def duration(text):
     return seconds
 
 
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names each flag's default, except where there is none (None): those flags' help says what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv=None):
-    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="torchvision dataset to learn")
     p.add_argument("--data-dir", default="./data",
                    help="dataset root; MNIST is downloaded here unless <data-dir>/MNIST/raw already holds it")
     p.add_argument("--epochs", type=number(int, 1, 100_000), default=20, help="passes over the training set")
     p.add_argument("--time-budget", type=duration, default=None,
                    help="train for about this long instead of --epochs (e.g. 4m): the first steps are timed, then "
-                        "the epochs and the lr schedule are fitted to the budget")
+                        "the epochs and the lr schedule are fitted to the budget (default: off)")
     p.add_argument("--batch-size", type=number(int, 1, 65_536), default=128, help="training images per step")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-3,
                    help="Adam learning rate, the peak of --lr-schedule cosine (the spec: 1e-3, constant)")
@@ -141,7 +148,8 @@ def parse_args(argv=None):
                    help="conditional checkpoints: classifier-free guidance weight W, eps_uncond + W * (eps_cond - "
                         "eps_uncond); 1 = plain conditional sampling, 0 = unconditional; more W: surer, less varied")
     p.add_argument("--num-samples", type=number(int, 1, 100_000), default=64,
-                   help="digits to generate (conditional: a multiple of the number of --digits)")
+                   help="digits to generate (conditional: a multiple of the number of --digits; left unset, the "
+                        "multiple at or below 64)")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpm",
                    help="dpm: DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095) over --sample-steps; ddim: Song et "
                         "al. over --sample-steps; ddpm: Ho et al. Algorithm 2 over all T steps (the spec)")
@@ -689,9 +697,12 @@ def main(argv=None):
     if args.digits and not config["conditional"]:
         fail(f"--digits needs a conditional model, and {args.checkpoint if checkpoint else 'this run'} is not one; "
              "train with --conditional, or drop --digits")
-    if config["conditional"] and args.num_samples % len(digits):
+    whole_rows = len(digits) * max(1, args.num_samples // len(digits))  # conditional: the default 64 -> 60 for 0-9
+    if config["conditional"] and "num_samples" not in args.set_by_user:
+        args.num_samples = whole_rows
+    if config["conditional"] and args.num_samples != whole_rows:
         fail(f"--num-samples {args.num_samples} is not a multiple of the {len(digits)} classes asked for (one grid "
-             f"row each); pass e.g. --num-samples {len(digits) * max(1, args.num_samples // len(digits))}")
+             f"row each); pass e.g. --num-samples {whole_rows}")
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     ema = EMA(model, args.ema_decay)
     # autoguidance's weaker model: the EMA as it was a quarter into training, taken once; guide_taken is its epoch
@@ -728,12 +739,12 @@ def main(argv=None):
         if args.time_budget:
             fitted, rate = fit_epochs_to_budget(model, schedule, images, labels, args, dtype, args.time_budget)
             epochs = first_epoch + fitted
-            print(f"time budget {args.time_budget / 60:g} min: {fitted} epochs of {len(images)} images fit "
+            print(f"time budget {args.time_budget / 60:.3g} min: {fitted} epochs of {len(images)} images fit "
                   f"(the first steps ran at {rate:.0f} img/s)", flush=True)
         print(f"{len(images)} training images of {config['dataset']} on {device}; a checkpoint is saved to "
               f"{args.checkpoint} after every epoch", flush=True)
         if first_epoch >= epochs:
-            print(f"note: {args.checkpoint} is already at epoch {first_epoch} of --epochs {epochs}; nothing to "
+            print(f"note: {args.checkpoint} is already at epoch {first_epoch} of --epochs {args.epochs}; nothing to "
                   f"train (raise --epochs to continue), sampling from it", flush=True)
         step_model = torch.compile(model) if args.compile else model
         batches = math.ceil(len(images) / args.batch_size)

@@ -93,6 +93,14 @@ def test_the_defaults_and_the_seed_and_budget_ranges(quest):
         [90, 240, 240, 5400]
 
 
+def test_help_names_no_default_of_none(quest, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        quest.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert stopped.value.code == 0 and "(default: None)" not in text and "(default: 20)" in text
+    assert "(default 25) and ddim (default 100); ddpm always runs all T steps --eta" in text
+
+
 @pytest.mark.parametrize("where", ["file", "under-a-file", "proc", "long-name"])
 def test_unusable_output_folders_fail_in_one_line(quest, tmp_path, where):
     (tmp_path / "a-file").write_text("not a folder")
@@ -685,7 +693,8 @@ def test_a_conditional_model_trains_resumes_and_draws_the_rows_asked_for(quest, 
         assert gif.n_frames == 1 + first["sampleSteps"] and gif.size == grid_size(6, nrow=3)
     assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["conditional"] is True
     resumed = run_main(quest, capsys, "--resume", "--data-dir", mnist_root, "--out-dir", out, "--epochs", "2",
-                       "--num-samples", "10", "--device", "cpu")["details"]
+                       "--device", "cpu")["details"]
     assert resumed["epochs"] == 2 and resumed["classes"] == list(range(10))
-    with Image.open(out / "new_creation.png") as grid:  # the default 0-9: ten rows of one
-        assert grid.size == grid_size(10, nrow=1)
+    assert resumed["numSamples"] == 60  # --num-samples left at 64: the multiple of the 10 classes below it
+    with Image.open(out / "new_creation.png") as grid:  # the default 0-9: ten rows of six
+        assert grid.size == grid_size(60, nrow=6)
