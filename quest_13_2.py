@@ -63,7 +63,8 @@ NORMALIZE = {"mnist": (0.1307, 0.3081), "fashion-mnist": (0.2860, 0.3530)}
 METHODS = ("kd", "cosine", "hint")
 # Chosen by bench/bench_distill.py over 8 seeds (docs/quest_13_2.md, "Measurements"): with students that see each
 # image once, hint (alpha 0.75) gained 0.3 to 1.5 points on average in each of four such regimes (less the more
-# steps the one pass has); kd's gains were within their seed spread. The spec says T 5 and names alpha without a value; PyTorch's KD tutorial uses T 2 and 0.25 for all three.
+# steps the one pass has); kd's gains were within their seed spread. The spec says T 5 and names alpha without a
+# value; PyTorch's KD tutorial uses T 2 and 0.25 for all three.
 DEFAULT_METHOD, DEFAULT_TEMPERATURE = "hint", 2.0
 DEFAULT_ALPHA = {"kd": 0.25, "cosine": 0.25, "hint": 0.75}  # the weight of the teacher's term, per method
 TEACHER_KIND, STUDENT_KIND = "quest_13_2 teacher", "quest_13_2 student"  # what a saved file says it holds
@@ -99,9 +100,9 @@ def parse_args(argv=None):
     parser.add_argument("--temperature", type=number(float, 0.1, 100), default=DEFAULT_TEMPERATURE,
                         help="softmax temperature T of the soft targets (kd; the spec's is 5)")
     parser.add_argument("--alpha", type=number(float, 0, 1), default=None,
-                        help="weight of the teacher's term; 1 - alpha goes to cross-entropy on the labels. Default per "
-                             f"method: {', '.join(f'{m} {a}' for m, a in DEFAULT_ALPHA.items())} (the spec's loss is "
-                             "--method kd --temperature 5 --alpha 0.5)")
+                        help="weight of the teacher's term; 1 - alpha goes to cross-entropy on the labels. None: "
+                             f"each method's own, {', '.join(f'{m} {a}' for m, a in DEFAULT_ALPHA.items())} (the "
+                             "spec's loss is --method kd --temperature 5 --alpha 0.5)")
     parser.add_argument("--compare", action="store_true",
                         help="train every --method and the baseline from the same initial weights and batches; one table")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline student (faster, no gain figure)")
@@ -408,11 +409,13 @@ def main(argv=None):
         print(f"{'student, ' + name:<18} {acc:>8.2%} {gain:>7} {seconds:>7.1f}")
     latency_batch = test_x[:LATENCY_BATCH].cpu()
     teacher_ms, student_ms = cpu_latency_ms(teacher, latency_batch), cpu_latency_ms(student, latency_batch)
-    print(f"teacher {param_count(teacher):,} parameters, {size_kb(teacher):.1f} KB, {teacher_ms:.2f} ms per batch of "
-          f"{len(latency_batch)} on CPU; student {param_count(student):,}, {size_kb(student):.1f} KB, {student_ms:.2f} ms "
+    teacher_params, student_params = param_count(teacher), param_count(student)
+    teacher_kb, student_kb = size_kb(teacher), size_kb(student)  # each serialises the weights: once, here
+    print(f"teacher {teacher_params:,} parameters, {teacher_kb:.1f} KB, {teacher_ms:.2f} ms per batch of "
+          f"{len(latency_batch)} on CPU; student {student_params:,}, {student_kb:.1f} KB, {student_ms:.2f} ms "
           f"({teacher_ms / student_ms:.1f}x faster)")
     gain = None if baseline_acc is None else student_acc - baseline_acc
-    message = (f"Distillation done: the student ({args.method}), {param_count(teacher) / param_count(student):.0f}x smaller "
+    message = (f"Distillation done: the student ({args.method}), {teacher_params / student_params:.0f}x smaller "
                f"than the teacher, reached {student_acc:.2%} test accuracy (teacher {teacher_acc:.2%})")
     message += "." if gain is None else f", {100 * gain:+.2f} points over the same student trained on labels alone."
     print(message)
@@ -437,8 +440,8 @@ def main(argv=None):
         "distillationGain": None if gain is None else round(gain, 6), "method": args.method,
         "methods": {name: {"accuracy": acc, "gain": None if baseline_acc is None else round(acc - baseline_acc, 6),
                            "seconds": round(seconds, 2)} for name, (_, _, seconds, acc) in students.items()},
-        "teacherParams": param_count(teacher), "studentParams": param_count(student),
-        "teacherSizeKB": round(size_kb(teacher), 1), "studentSizeKB": round(size_kb(student), 1),
+        "teacherParams": teacher_params, "studentParams": student_params,
+        "teacherSizeKB": round(teacher_kb, 1), "studentSizeKB": round(student_kb, 1),
         "studentSpeedup": round(teacher_ms / student_ms, 2), "temperature": args.temperature,
         "alpha": alpha_of(args.method, args),
         "teacherEpochs": teacher_epochs, "teacherLoaded": loaded is not None, "epochs": args.epochs,
