@@ -121,7 +121,8 @@ def parse_args(argv=None):
                    "(pt2e and pt2e-qat pick their quantizer by CPU the same way)")
     p.add_argument("--observer", choices=OBSERVERS,
                    help="eager: minmax = per-tensor MinMax weights and activations (torch.ao default_qconfig); "
-                   "histogram = the engine's default, per-channel weights, histogram activations (None: histogram)")
+                   "histogram = the engine's default, histogram activations, per-channel weights (qnnpack: "
+                   "per-tensor) (None: histogram)")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                    help="0 to 2^32-1; seeds init, batch order and calibration batches")
     p.add_argument("--batch-size", type=number(int, 1), default=64, metavar="N",
@@ -355,7 +356,8 @@ def fine_tune(model, x, y, batches, lr, disable_observer):
     model.apply(disable_observer)
     train(model, x, y, batches[half:], lr, torch.device("cpu"), "QAT fine-tuning (observers frozen)", "--qat-lr")
     fine_tuned = MiniCNN().eval()  # same parameter names in the eager QAT model and in the exported graph
-    fine_tuned.load_state_dict({k: v for k, v in model.state_dict().items() if k in fine_tuned.state_dict()})
+    wanted = fine_tuned.state_dict().keys()
+    fine_tuned.load_state_dict({k: v for k, v in model.state_dict().items() if k in wanted})
     return fine_tuned
 
 
@@ -612,10 +614,11 @@ def main(argv=None):
         how = f"post-training, {args.observer} observers, calibrated on {args.calib_batches} batches"
     elif args.flow in ("qat", "pt2e-qat"):
         qat_batches = [idx.cpu() for idx in itertools.islice(batches, args.qat_batches)]
-        print(f"act 3: quantization-aware fine-tuning for {args.qat_batches} batches", flush=True)
+        print(f"quantization-aware fine-tuning: {args.qat_batches} batches with fake-quantized weights and "
+              "activations", flush=True)
         quantize = quantize_qat if args.flow == "qat" else quantize_pt2e_qat
         int8, reference = quantize(fp32, cpu_x, cpu_y, qat_batches, engine, args.qat_lr)
-        how = f"quantization-aware fine-tuning for {args.qat_batches} batches (observers frozen for the second half)"
+        how = "fine-tuned with fake quantization (observers frozen for the second half)"
     else:
         int8 = quantize_pt2e(fp32, cpu_x, calib, engine)
         how = f"torch.export + prepare_pt2e, calibrated on {args.calib_batches} batches"

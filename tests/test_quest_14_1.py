@@ -271,8 +271,8 @@ def test_pt2e_qat_flow_fine_tunes_in_the_graph_then_converts(quest, mnist_root, 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("quantizer, weight_dtype_count", [("x86_inductor", 3), ("arm_inductor", 3)])
-def test_pt2e_converted_graph_is_int8_and_follows_fp32(quantizer, weight_dtype_count, quest):
+@pytest.mark.parametrize("quantizer", ["x86_inductor", "arm_inductor"])
+def test_pt2e_converted_graph_is_int8_and_follows_fp32(quantizer, quest):
     """Both inductor quantizers (the Arm one runs its reference graph on any CPU), on an untrained model."""
     torch.manual_seed(0)
     x = torch.randn(128, 1, 28, 28)
