@@ -139,9 +139,9 @@ def parse_args(argv=None):
                         help="LoRA rank r: the size of each adapter (https://arxiv.org/abs/2106.09685)")
     parser.add_argument("--lora-alpha", type=number(float, 0, 65536, low_open=True), default=32.0,
                         help="LoRA alpha: each update is scaled by alpha / r")
-    parser.add_argument("--target-modules", type=module_names, default=["to_q", "to_k", "to_v", "to_out.0"],
-                        metavar="NAMES", help="comma-separated names of the UNet layers that get adapters "
-                                              "(default: the attention projections to_q,to_k,to_v,to_out.0)")
+    parser.add_argument("--target-modules", type=module_names, default="to_q,to_k,to_v,to_out.0",  # parsed to a list
+                        metavar="NAMES", help="comma-separated names of the UNet layers that get adapters; "
+                                              "the default is the attention projections")
     parser.add_argument("--lora-dropout", type=number(float, 0, 1, high_open=True), default=0.05,
                         help="dropout on the adapters' input while training")
     parser.add_argument("--init-lora", metavar="PATH",
@@ -152,7 +152,7 @@ def parse_args(argv=None):
                              "LoRA can shift overall brightness and colour; 0 is the spec's plain noise")
     parser.add_argument("--snr-gamma", type=number(float, 0, low_open=True),
                         help="Min-SNR loss weighting with this gamma (5.0 is the paper's, "
-                             "https://arxiv.org/abs/2303.09556); off by default")
+                             "https://arxiv.org/abs/2303.09556); None: off")
     parser.add_argument("--max-grad-norm", type=number(float, 0), default=1.0,
                         help="clip the LoRA gradients to this norm before each optimizer step; 0 turns it off")
     parser.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
@@ -344,19 +344,16 @@ def kohya_lora_tensors(unet):
     """The same LoRA in kohya's layout, which AUTOMATIC1111, Forge and ComfyUI read:
     lora_unet_<module path, dots as underscores>.lora_down.weight / .lora_up.weight / .alpha (alpha = lora_alpha,
     a 0-d tensor; without it those tools assume alpha = r and apply the LoRA at half strength)."""
-    tensors = {}
-    for key, tensor in get_peft_model_state_dict(unet).items():
-        module, kind = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key).groups()
-        name = "lora_unet_" + module.replace(".", "_")
-        tensors[f"{name}.{'lora_down' if kind == 'lora_A' else 'lora_up'}.weight"] = (
-            tensor.detach().float().cpu().contiguous())
-        tensors[f"{name}.alpha"] = torch.tensor(float(unet.peft_config["default"].lora_alpha))
+    state, alpha, tensors = get_peft_model_state_dict(unet), float(unet.peft_config["default"].lora_alpha), {}
+    for kohya_key, peft_key in peft_key_of_kohya(unet).items():
+        tensors[kohya_key] = state[peft_key].detach().float().cpu().contiguous()
+        tensors[kohya_key.rsplit(".lora_", 1)[0] + ".alpha"] = torch.tensor(alpha)  # not shared: safetensors refuses
     return tensors
 
 
 def peft_key_of_kohya(unet):
-    """{kohya tensor name: the UNet adapter's PEFT state-dict key}, the inverse of kohya_lora_tensors' naming
-    (built from the UNet, since underscores in kohya names are ambiguous)."""
+    """{kohya tensor name: the UNet adapter's PEFT state-dict key}: the naming kohya_lora_tensors writes and init_lora
+    reads back (built from the UNet, since underscores in kohya names are ambiguous)."""
     names = {}
     for key in get_peft_model_state_dict(unet):
         module, kind = re.fullmatch(r"(.+)\.(lora_A|lora_B)\.weight", key).groups()
@@ -625,7 +622,6 @@ def read_hub_dataset(args):
             captions.append(caption_value(caption, args.caption_column, f"--dataset-name {name} row {index}"))
             sources["--caption-column"] += 1
     return images, captions, sources
-
 
 
 def to_rgb(image):
@@ -1227,9 +1223,7 @@ def write_loss_log(directory, rows):
 
 
 def quiet_libraries():
-    """Library info logs and weight-loading bars would bury the one line a failure prints."""
-    for logging_module in (transformers.utils.logging, diffusers.utils.logging):
-        logging_module.set_verbosity_error()
+    """Weight-loading bars would bury the one line a failure prints (info logs are off since the imports)."""
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
 
