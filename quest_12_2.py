@@ -2,7 +2,7 @@
 digits, then carve 64 new digits out of pure noise.
 
     python quest_12_2.py                                     # the spec: full MNIST (downloaded to ./data), 20 epochs
-    python quest_12_2.py --data-dir assets/mnist-5k --time-budget 4m --batch-size 32 --base-channels 16  # Quickstart
+    python quest_12_2.py --data-dir assets/mnist-5k --time-budget 4m --batch-size 32 --base-channels 16 --patch-size 2
     python quest_12_2.py --sample-only --num-samples 256     # new digits from the saved checkpoint, in seconds
 
 Acts: the settings -> the noise schedule -> SimpleUNet -> data -> training (an EMA of the weights, the EMA of a
@@ -123,12 +123,16 @@ def parse_args(argv=None):
     p.add_argument("--snr-gamma", type=number(float, 0), default=5.0,
                    help="Min-SNR-gamma loss weighting (Hang et al. 2023, arXiv:2303.09556); 0 = plain MSE (the spec)")
     p.add_argument("--base-channels", type=number(int, 8, MAX_WIDTH), default=64,
-                   help="UNet width (channels at 32x32), a multiple of 8")
+                   help="UNet width (channels at its full resolution: 32x32, or 16x16 on patches), a multiple of 8")
     p.add_argument("--channel-mult", type=channel_mult, default=(1, 2, 4),
-                   help="widths at 32x32, 16x16 and 8x8 as multiples of --base-channels (doubling at each halving, "
+                   help="widths at full, half and quarter resolution (32, 16, 8; on patches 16, 8, 4) as multiples "
+                        "of --base-channels (doubling at each halving, "
                         "as in Ho et al.'s UNet: the cheap low resolutions get the width)")
+    p.add_argument("--patch-size", type=int, choices=[1, 2], default=1,
+                   help="2: the UNet works on 16x16 maps of 2x2 pixel patches (4 channels; pixel_unshuffle in, "
+                        "pixel_shuffle out), about twice the images/s on a CPU; 1: on the 32x32 pixels (the spec)")
     p.add_argument("--attention", action=argparse.BooleanOptionalAction, default=True,
-                   help="self-attention at the 8x8 bottleneck")
+                   help="self-attention at the bottleneck (8x8; 4x4 on patches)")
     p.add_argument("--ema-decay", type=number(float, 0, 1, high_open=True), default=0.999,
                    help="EMA of the weights used for sampling")
     p.add_argument("--guidance", type=number(float, 0, 100, low_open=True), default=2.0,
@@ -172,7 +176,9 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                    help="0 to 2^32-1; seeds everything: same seed + device, same digits")
     args = p.parse_args(argv)
-    args.set_by_user = {action.dest for action in p._actions if getattr(args, action.dest, None) != action.default}
+    for action in p._actions:  # parsed once more without defaults: the flags typed, even those typed as the default
+        action.default = argparse.SUPPRESS
+    args.set_by_user = set(vars(p.parse_args(argv)))
     args.checkpoint = Path(args.checkpoint or Path(args.out_dir) / "checkpoint.pt")
     args.sample_steps = args.sample_steps or DEFAULT_SAMPLE_STEPS.get(args.sampler, 0)
     return args
@@ -357,10 +363,15 @@ class SelfAttention(nn.Module):
 
 
 class SimpleUNet(nn.Module):
-    """32x32 -> 16x16 -> 8x8 and back, skip connections between the paths, timestep in every block."""
+    """32x32 -> 16x16 -> 8x8 and back, skip connections between the paths, timestep in every block. With
+    patch_size 2 each 2x2 block of pixels becomes 4 channels of one position first (pixel_unshuffle), so the same
+    UNet runs at 16x16 -> 8x8 -> 4x4, and its output is unfolded back to 32x32 pixels (pixel_shuffle)."""
 
-    def __init__(self, image_channels=1, base_channels=64, attention=True, channel_mult=(1, 2, 4), num_classes=0):
+    def __init__(self, image_channels=1, base_channels=64, attention=True, channel_mult=(1, 2, 4), num_classes=0,
+                 patch_size=1):
         super().__init__()
+        self.patch_size = patch_size
+        image_channels *= patch_size ** 2  # what the stem sees and the head predicts
         c1, c2, c3 = (m * base_channels for m in channel_mult)  # widths at 32x32, 16x16, 8x8
         self.emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, self.emb_dim), nn.SiLU(),
@@ -391,14 +402,14 @@ class SimpleUNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t, self.time_mlp[0].in_features))
         if self.class_emb is not None:
             emb = emb + self.class_emb(labels)
-        s1 = self.down1(self.stem(x), emb)
+        s1 = self.down1(self.stem(F.pixel_unshuffle(x, self.patch_size)), emb)
         s2 = self.down2(self.pool1(s1), emb)
         s3 = self.down3(self.pool2(s2), emb)
         h = self.mid2(self.attn(self.mid1(s3, emb)), emb)
         h = self.up3(torch.cat([h, s3], dim=1), emb)
         h = self.up2(torch.cat([self.unpool2(h), s2], dim=1), emb)
         h = self.up1(torch.cat([self.unpool1(h), s1], dim=1), emb)
-        return self.head(h)
+        return F.pixel_shuffle(self.head(h), self.patch_size)
 
 
 class EMA:
@@ -539,7 +550,7 @@ def sample(model, schedule, num_samples, sampler, sample_steps_wanted, device, b
     With a `guide` (the same UNet, less trained) and guidance w != 1, the noise prediction is pushed away from the
     guide's: eps_guide + w * (eps - eps_guide). The weaker model makes the same kinds of mistakes, only more, so
     the difference points away from them (Karras et al. 2024, "Guiding a diffusion model with a bad version of
-    itself"); it costs a second forward pass per step.
+    itself"); it costs a second forward pass per step. A conditional guide is given the same labels.
 
     With `labels` (a conditional model, one class per sample) and cfg W != 1, classifier-free guidance (Ho &
     Salimans 2022): eps_uncond + W * (eps_cond - eps_uncond), the unconditional prediction being the same network's
@@ -575,7 +586,7 @@ def sample(model, schedule, num_samples, sampler, sample_steps_wanted, device, b
                         unconditional = model(x[part], t_part, torch.full_like(labels[part], NO_CLASS)).float()
                         predicted_noise = unconditional + cfg * (predicted_noise - unconditional)
                     if guide is not None and guidance != 1:
-                        guide_noise = guide(x[part], t_part).float()
+                        guide_noise = guide(x[part], t_part, *condition).float()
                         predicted_noise = guide_noise + guidance * (predicted_noise - guide_noise)
                 if sampler == "ddpm":
                     x[part] = schedule.ddpm_step(x[part], predicted_noise, t, noise[part])
@@ -622,6 +633,7 @@ CONFIG_CHECKS = {  # what a checkpoint's config must hold: key -> (accepted, wha
     "channel_mult": (lambda v: isinstance(v, (list, tuple)) and len(v) == 3
                      and all(type(m) is int and 1 <= m <= 16 for m in v), "three whole numbers from 1 to 16"),
     "attention": (lambda v: type(v) is bool, "true or false"),
+    "patch_size": (lambda v: type(v) is int and v in (1, 2), "1 or 2"),
     "conditional": (lambda v: type(v) is bool, "true or false"),
 }
 
@@ -647,6 +659,7 @@ def load_checkpoint(path, device):
     if not isinstance(config, dict):
         fail(f"{path} holds no config (a {type(config).__name__}); {retrain}")
     config.setdefault("conditional", False)  # checkpoints of the first release had no classes
+    config.setdefault("patch_size", 1)  # nor patches
     for key, (accepted, what) in CONFIG_CHECKS.items():
         if key not in config:
             fail(f"{path}'s config has no {key!r}; {retrain}")
@@ -678,19 +691,19 @@ def main(argv=None):
     config = checkpoint["config"] if checkpoint else {
         "dataset": args.dataset, "timesteps": args.timesteps, "beta_schedule": args.beta_schedule,
         "base_channels": args.base_channels, "channel_mult": list(args.channel_mult), "attention": args.attention,
-        "conditional": args.conditional}
-    if args.resume:  # the architecture must match the weights; the learning rate and the rest are applied
+        "patch_size": args.patch_size, "conditional": args.conditional}
+    if checkpoint:  # the architecture must match the weights; the learning rate and the rest are applied
         def as_flag(value):  # 1,2,4 for the widths, as typed
             return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
         kept = [f"--{key.replace('_', '-')} {as_flag(config[key])}" for key in config
                 if key in args.set_by_user and as_flag(getattr(args, key)) != as_flag(config[key])]
         if kept:
-            print(f"note: --resume keeps the checkpoint's {', '.join(kept)} (its weights were trained with them)",
-                  flush=True)
+            print(f"note: {'--resume keeps' if args.resume else '--sample-only uses'} the checkpoint's "
+                  f"{', '.join(kept)} (its weights were trained with them)", flush=True)
     schedule = NoiseSchedule(config["timesteps"], device, config["beta_schedule"])
     model = SimpleUNet(base_channels=config["base_channels"], attention=config["attention"],
-                       channel_mult=tuple(config["channel_mult"]), num_classes=10 if config["conditional"] else 0
-                       ).to(device)
+                       channel_mult=tuple(config["channel_mult"]), num_classes=10 if config["conditional"] else 0,
+                       patch_size=config["patch_size"]).to(device)
     # what to draw: one grid row per requested class (conditional), or --num-samples digits in a square grid
     class_names = CLASS_NAMES[config["dataset"]]
     digits = args.digits or list(range(10))
@@ -727,7 +740,7 @@ def main(argv=None):
             guide_taken = checkpoint["guide_epoch"]
         ema.updates, first_epoch = checkpoint["ema_updates"], checkpoint["epoch"]
     print(f"device {device} ({path_why}), SimpleUNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters, T={schedule.timesteps} ({config['beta_schedule']} betas, "
+          f"parameters{' on 2x2 patches' if config['patch_size'] == 2 else ''}, T={schedule.timesteps} ({config['beta_schedule']} betas, "
           f"alpha_bar_T={schedule.alphas_cumprod[-1].item():.2g})", flush=True)
 
     # ---- training: one epoch at a time; then the guide when it is due, the weights checked, the checkpoint
@@ -782,7 +795,7 @@ def main(argv=None):
 
     # ---- sampling: autoguidance for an unconditional model, classifier-free guidance for a conditional one
     if config["conditional"]:
-        guide = None  # the two guidances are not combined: CFG alone was measured on conditional models
+        guide = None  # CFG alone: autoguidance on top of it measured no better (docs/quest_12_2.md)
     elif guide_taken is None:
         guide = None
         if args.guidance != 1:
@@ -795,8 +808,9 @@ def main(argv=None):
               f"classifier-free guidance W={args.cfg:g}", flush=True)
     start = time.perf_counter()
     samples, frames, trajectory, steps_run = sample(
-        ema.model, schedule, args.num_samples, args.sampler, args.sample_steps, device, args.sample_batch_size, dtype,
-        args.seed, guide, args.guidance, args.eta, labels, args.cfg,
+        ema.model, schedule, args.num_samples, args.sampler, args.sample_steps, device,
+        batch_size=args.sample_batch_size, dtype=dtype, seed=args.seed, guide=guide, guidance=args.guidance,
+        eta=args.eta, labels=labels, cfg=args.cfg,
         shown=[row * per_class for row in range(min(8, len(digits)))] if config["conditional"] else range(8))
     sample_seconds = time.perf_counter() - start
     if not torch.isfinite(samples).all():  # never save a black grid and call it a success
@@ -827,6 +841,7 @@ def main(argv=None):
             "trainSeconds": round(train_seconds, 1) if train_seconds is not None else None,
             "sampler": args.sampler, "sampleSteps": steps_run, "eta": args.eta if args.sampler != "ddpm" else None,
             "guidance": args.guidance if guide is not None else 1.0,
+            "patchSize": config["patch_size"],
             "conditional": config["conditional"], "classes": digits if config["conditional"] else None,
             "classNames": [class_names[d] for d in digits] if config["conditional"] else None,
             "cfg": args.cfg if config["conditional"] else None,

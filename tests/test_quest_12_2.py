@@ -66,6 +66,7 @@ def grid_size(n_images, nrow, image=32, padding=2):
     (["--time-budget", "soon"], ["--time-budget", "4m"]),
     (["--time-budget", "0s"], ["--time-budget", "1s"]),
     (["--device", "tpu"], ["--device", "invalid choice"]),
+    (["--patch-size", "3"], ["--patch-size", "invalid choice"]),
 ])
 def test_bad_flags_fail_in_one_line(quest, flags, words):
     one_line_error(lambda: quest.parse_args(flags), *words, "--help")
@@ -87,7 +88,8 @@ def test_the_defaults_and_the_seed_and_budget_ranges(quest):
     assert (args.sampler, args.sample_steps, args.eta, args.guidance) == ("dpm", 25, 1.0, 2.0)
     assert quest.parse_args(["--sampler", "ddim"]).sample_steps == 100
     assert args.beta_schedule == "linear-scaled" and args.timesteps == 300 and args.epochs == 20
-    assert args.batch_size == 128 and args.time_budget is None
+    assert args.batch_size == 128 and args.time_budget is None and args.patch_size == 1  # the spec's UNet on pixels
+    assert quest.parse_args(["--patch-size", "1"]).set_by_user == {"patch_size"}  # typed, though it is the default
     assert quest.parse_args(["--seed", str(2 ** 32 - 1)]).seed == 2 ** 32 - 1
     assert [quest.parse_args(["--time-budget", text]).time_budget for text in ("90s", "4m", "4", "1.5h")] == \
         [90, 240, 240, 5400]
@@ -234,7 +236,8 @@ def test_weights_that_blew_up_are_not_usable_even_when_finite(quest):
 # ---------------------------------------------------------------- checkpoints read back are checked (fast)
 @pytest.fixture(scope="module")
 def tiny_checkpoint(quest, tmp_path_factory):
-    """A checkpoint as the script writes it (a 8-channel UNet, untrained), saved once."""
+    """A checkpoint as the first release wrote it (an 8-channel UNet, untrained; its config has no 'conditional'
+    and no 'patch_size'), saved once."""
     torch.manual_seed(0)
     model = quest.SimpleUNet(base_channels=8)
     ema = quest.EMA(model, 0.999)
@@ -245,6 +248,11 @@ def tiny_checkpoint(quest, tmp_path_factory):
     return path
 
 
+def test_a_first_release_checkpoint_loads_as_an_unconditional_unet_on_pixels(quest, tiny_checkpoint):
+    config = quest.load_checkpoint(tiny_checkpoint, torch.device("cpu"))["config"]
+    assert config["conditional"] is False and config["patch_size"] == 1
+
+
 @pytest.mark.parametrize("damage, words", [
     (lambda c: c["config"].pop("timesteps"), ["config has no 'timesteps'"]),
     (lambda c: c["config"].update(timesteps=0), ["timesteps = 0", "from 2"]),
@@ -253,6 +261,7 @@ def tiny_checkpoint(quest, tmp_path_factory):
     (lambda c: c["config"].update(channel_mult="1,2,4"), ["channel_mult", "three whole numbers"]),
     (lambda c: c["config"].update(attention="yes"), ["attention", "true or false"]),
     (lambda c: c["config"].update(base_channels=12), ["base_channels = 12", "multiple of 8"]),
+    (lambda c: c["config"].update(patch_size=3), ["patch_size = 3", "1 or 2"]),
     (lambda c: c.update(config=[1, 2]), ["no config"]),
     (lambda c: c.update(epoch="three"), ["epoch = 'three'", "whole number"]),
     (lambda c: c.update(epoch=-1), ["epoch = -1"]),
@@ -282,6 +291,27 @@ def test_a_checkpoint_that_is_not_one_fails_in_one_line(quest, tiny_checkpoint, 
     one_line_error(lambda: quest.main(["--sample-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "o")]),
                    *words)
     assert not (tmp_path / "o").exists()
+
+
+def test_patches_fold_2x2_pixels_into_channels_and_back(quest):
+    """--patch-size 2: the stem sees each 2x2 block of pixels as 4 channels of one position of a 16x16 map, and the
+    head's 4 channels at a position are unfolded back into that block; the weight names stay those of the pixel
+    UNet (old checkpoints load as patch size 1)."""
+    torch.manual_seed(0)
+    model = quest.SimpleUNet(base_channels=8, patch_size=2).eval()
+    seen = {}
+    model.stem.register_forward_hook(lambda module, inputs, output: seen.update(stem_in=inputs[0]))
+    model.head.register_forward_hook(lambda module, inputs, output: seen.update(head_out=output))
+    x, t = torch.randn(2, 1, 32, 32), torch.tensor([3, 7])
+    with torch.no_grad():
+        out = model(x, t)
+    assert seen["stem_in"].shape == (2, 4, 16, 16) and seen["head_out"].shape == (2, 4, 16, 16)
+    assert out.shape == x.shape
+    for channel, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):  # pixel (2i + row, 2j + col)
+        assert torch.equal(seen["stem_in"][:, channel, 3, 5], x[:, 0, 6 + row, 10 + col])
+        assert torch.equal(out[:, 0, 6 + row, 10 + col], seen["head_out"][:, channel, 3, 5])
+    old = quest.SimpleUNet(base_channels=8)  # patch_size 1: the same weight names as before patches existed
+    assert set(old.state_dict()) == set(model.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -379,9 +409,11 @@ def test_ddim_eta_adds_the_posterior_noise_and_0_is_deterministic(tiny_model):
 
 # ---------------------------------------------------------------- learning and tiny real runs (slow)
 @pytest.mark.slow
-def test_the_unet_learns_to_predict_the_noise(quest, mnist_root):
+@pytest.mark.parametrize("patch_size", [1, 2])
+def test_the_unet_learns_to_predict_the_noise(quest, mnist_root, patch_size):
     """The learning assertion: 3 epochs over 512 real digits cut the noise-prediction loss on fixed held-out noisy
-    digits by more than a third (an untrained UNet scores about 1, predicting the noise's mean)."""
+    digits by more than a third (an untrained UNet scores about 1, predicting the noise's mean), on the pixels and on
+    2x2 patches."""
     torch.manual_seed(0)
     cpu = torch.device("cpu")
     schedule = quest.NoiseSchedule(20, cpu)
@@ -390,7 +422,7 @@ def test_the_unet_learns_to_predict_the_noise(quest, mnist_root):
     t = torch.randint(0, 20, (len(held_out),))
     noise = torch.randn_like(held_out)
     noisy = schedule.get_noisy_image(held_out, t, noise)
-    model = quest.SimpleUNet(base_channels=16)
+    model = quest.SimpleUNet(base_channels=16, patch_size=patch_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
 
     def held_out_loss():
@@ -520,9 +552,10 @@ def test_resume_reports_the_architecture_flags_it_keeps(trained, mnist_root, tmp
     shutil.copy(out_dir / "checkpoint.pt", tmp_path / "checkpoint.pt")
     proc = run_script(SCRIPT, "--resume", "--checkpoint", tmp_path / "checkpoint.pt", "--data-dir", mnist_root,
                       "--out-dir", tmp_path / "out", "--device", device, "--epochs", "1", "--num-samples", "4",
-                      "--channel-mult", "1,1,2", "--timesteps", "20", cwd=tmp_path)
+                      "--channel-mult", "1,1,2", "--timesteps", "20", "--patch-size", "2", cwd=tmp_path)
     # the weights fix the architecture: a different width is reported and ignored, an equal one is not mentioned
-    assert "keeps the checkpoint's --channel-mult 1,2,4" in proc.stdout and "--timesteps" not in proc.stdout
+    assert "keeps the checkpoint's --channel-mult 1,2,4, --patch-size 1" in proc.stdout
+    assert "--timesteps" not in proc.stdout and "on 2x2 patches" not in proc.stdout
     assert "nothing to train" in proc.stdout and result_json(proc)["details"]["epochLosses"] == []
 
 
@@ -638,6 +671,14 @@ def test_cfg_1_is_conditional_sampling_0_unconditional_and_w_extrapolates(quest,
         assert torch.allclose(drawn(ClassConstant(values), labels=labels, cfg=cfg),
                               drawn(stub, labels=torch.arange(4), cfg=1.0), atol=1e-5), cfg
     assert not torch.allclose(conditional, drawn(ClassConstant(values), labels=labels, cfg=0.0), atol=1e-3)
+    # a conditional guide is asked with the same labels: eps_guide(c) + w (eps_cfg(c) - eps_guide(c))
+    guide_values = [0.02 * digit for digit in range(10)] + [0.0]
+    guided = per_sample * 2.5 + values[-1] * (1 - 2.5)
+    expected = torch.tensor([guide_values[label] for label in labels.tolist()])
+    expected = expected + 1.5 * (guided - expected)
+    assert torch.allclose(drawn(ClassConstant(values), labels=labels, cfg=2.5, guide=ClassConstant(guide_values),
+                                guidance=1.5),
+                          drawn(ClassConstant(expected.tolist() + [0.0]), labels=torch.arange(4), cfg=1.0), atol=1e-5)
 
 
 def test_labels_are_dropped_to_no_class_at_the_cond_drop_rate(quest):
@@ -684,14 +725,15 @@ def test_digits_need_a_conditional_model_and_a_matching_num_samples(quest, tiny_
 def test_a_conditional_model_trains_resumes_and_draws_the_rows_asked_for(quest, capsys, mnist_root, tmp_path):
     out = tmp_path / "out"
     first = run_main(quest, capsys, "--conditional", "--data-dir", mnist_root, "--out-dir", out, *TINY, "--digits",
-                     "3,5", "--num-samples", "6", "--device", "cpu")["details"]
+                     "3,5", "--num-samples", "6", "--device", "cpu", "--patch-size", "2")["details"]
     assert first["conditional"] is True and first["classes"] == [3, 5] and first["classNames"] == ["3", "5"]
     assert first["cfg"] == 1.5 and first["guidance"] == 1.0  # CFG, not autoguidance, for a conditional model
     with Image.open(out / "new_creation.png") as grid:  # one row per class, 3 digits each
         assert grid.size == grid_size(6, nrow=3)
     with Image.open(out / "reverse_process.gif") as gif:  # noise, then one frame per kept step
         assert gif.n_frames == 1 + first["sampleSteps"] and gif.size == grid_size(6, nrow=3)
-    assert torch.load(out / "checkpoint.pt", weights_only=True)["config"]["conditional"] is True
+    config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
+    assert config["conditional"] is True and config["patch_size"] == 2  # resumed and sampled on patches below
     resumed = run_main(quest, capsys, "--resume", "--data-dir", mnist_root, "--out-dir", out, "--epochs", "2",
                        "--device", "cpu")["details"]
     assert resumed["epochs"] == 2 and resumed["classes"] == list(range(10))
