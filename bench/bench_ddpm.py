@@ -8,14 +8,14 @@
         as the script samples).
 
     python bench/bench_ddpm.py cpu --batch-size 32
-        one training step of the quickstart's UNet in fp32, bf16 autocast, channels_last (fp32 and bf16) and
+        one training step of the 16-32-64 UNet (on pixels; --patch-size 2: the Quickstart's) in fp32, bf16 autocast, channels_last (fp32 and bf16) and
         torch.compile + bf16, interleaved in rounds in one process (ratios to fp32 are what to read); then the
         seconds per digit of DDIM-20 sampling for 64 and 256 digits, one forward pass over all of them vs
         chunks of --sample-batch-size.
 
     python bench/bench_ddpm.py widths --batch-size 32 --steps 10
         one training step for several UNet widths (base x --channel-mult), interleaved in rounds in one process,
-        in the precision the script would pick: images/s and the ratio to the Quickstart's 16-32-64.
+        in the precision the script would pick: images/s and the ratio to the 16-32-64 UNet on pixels.
 
     python bench/bench_ddpm.py quality --checkpoint chaos_sculptures/checkpoint.pt --data-dir assets/mnist-5k
         samples digits from a checkpoint's EMA weights as the script does (autoguidance from its guide weights,
@@ -51,8 +51,10 @@ def parse_args():
     p.add_argument("--data-dir", default="assets/mnist-5k")
     p.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--base-channels", type=int, default=16, help="speed, cpu: UNet width at 32x32")
+    p.add_argument("--base-channels", type=int, default=16, help="speed, cpu: UNet width at its full resolution")
     p.add_argument("--channel-mult", type=quest.channel_mult, default=(1, 2, 4), help="speed, cpu: widths per level")
+    p.add_argument("--patch-size", type=int, choices=[1, 2], default=1,
+                   help="speed, cpu: 2 = the UNet on 2x2 pixel patches (the Quickstart's), 1 = on pixels (the script's default)")
     p.add_argument("--batch-size", type=int, default=128, help="speed, cpu, widths: training batch")
     p.add_argument("--steps", type=int, default=20, help="speed, cpu, widths: timed training steps per variant (per round)")
     p.add_argument("--rounds", type=int, default=3, help="cpu, widths: interleaved rounds of timed steps per variant")
@@ -99,7 +101,8 @@ def time_training(batches, model, optimizer, schedule, steps, device):
 def speed(args, device):
     torch.manual_seed(args.seed)
     schedule = quest.NoiseSchedule(300, device)
-    model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device)
+    model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult,
+                             patch_size=args.patch_size).to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
 
     def script_batches():  # what quest_12_2.py does
@@ -224,7 +227,8 @@ def quality(args, device):
     config = checkpoint["config"]
     conditional = config.get("conditional", False)
     model = quest.SimpleUNet(base_channels=config["base_channels"], attention=config["attention"],
-                             channel_mult=tuple(config["channel_mult"]), num_classes=10 if conditional else 0).to(device)
+                             channel_mult=tuple(config["channel_mult"]), num_classes=10 if conditional else 0,
+                             patch_size=config.get("patch_size", 1)).to(device)
     model.load_state_dict(checkpoint["ema"])
     guide = None  # autoguidance's weaker model, as the script samples with it (unconditional models only)
     if conditional and args.num_samples % 10:
@@ -307,7 +311,8 @@ def cpu_variants(args, device):
                 "torch.compile bf16": (torch.bfloat16, False, True)}
     runs = {}
     for name, (dtype, channels_last, compiled) in variants.items():
-        model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device)
+        model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult,
+                                 patch_size=args.patch_size).to(device)
         x = images
         if channels_last:
             model, x = model.to(memory_format=torch.channels_last), images.contiguous(memory_format=torch.channels_last)
@@ -326,7 +331,8 @@ def cpu_variants(args, device):
     for name, rate in rates.items():
         print(f"{name:22} {rate:12.1f} {rate / rates['fp32']:7.2f}x")
 
-    model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult).to(device).eval()
+    model = quest.SimpleUNet(base_channels=args.base_channels, channel_mult=args.channel_mult,
+                             patch_size=args.patch_size).to(device).eval()
     dtype = quest.speed_path("auto", device)[0]
     print(f"\n{'DDIM-20 sampling':32} {'seconds':>8} {'ms/digit':>9}")
     for n in (64, 256):
@@ -337,9 +343,10 @@ def cpu_variants(args, device):
             print(f"{n:4} digits, chunks of {chunk:4}        {seconds:8.2f} {1000 * seconds / n:9.1f}")
 
 
-WIDTHS = {  # (base channels, multiples at 32x32, 16x16, 8x8)
-    "32-64-64 (the old Quickstart)": (32, (1, 2, 2)), "16-32-64 (the Quickstart)": (16, (1, 2, 4)),
-    "16-32-32": (16, (1, 2, 2)), "16-64-128": (16, (1, 4, 8)), "8-16-32": (8, (1, 2, 4)),
+WIDTHS = {  # (base channels, multiples at the three resolutions, patch size: 1 = 32x32 pixels, 2 = 16x16 patches)
+    "32-64-64 (the old Quickstart)": (32, (1, 2, 2), 1), "16-32-64 (pixels)": (16, (1, 2, 4), 1),
+    "16-32-32": (16, (1, 2, 2), 1), "16-64-128": (16, (1, 4, 8), 1), "8-16-32": (8, (1, 2, 4), 1),
+    "16-32-64 on 2x2 patches (the Quickstart)": (16, (1, 2, 4), 2), "32-64-64 on 2x2 patches": (32, (1, 2, 2), 2),
 }
 
 
@@ -350,8 +357,8 @@ def width_variants(args, device):
     dtype = quest.speed_path("auto", device)[0]
     images = torch.rand(args.batch_size * 8, 1, 32, 32, device=device) * 2 - 1
     runs = {}
-    for name, (base, mult) in WIDTHS.items():
-        model = quest.SimpleUNet(base_channels=base, channel_mult=mult).to(device)
+    for name, (base, mult, patch) in WIDTHS.items():
+        model = quest.SimpleUNet(base_channels=base, channel_mult=mult, patch_size=patch).to(device)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         for _ in range(3):  # warm-up
             quest.train_step(model, optimizer, schedule, images[:args.batch_size], dtype, 5.0)
@@ -359,11 +366,11 @@ def width_variants(args, device):
     rates = best_train_rates(runs, schedule, args, device)
     print(f"\ndevice {device} ({str(dtype).replace('torch.', '') if dtype else 'fp32'}), batch {args.batch_size}, "
           f"{args.rounds} rounds x {args.steps} steps, best round")
-    print(f"{'widths':32} {'params':>8} {'train img/s':>12} {'vs 16-32-64':>12}")
-    reference = rates["16-32-64 (the Quickstart)"]
+    print(f"{'widths':42} {'params':>8} {'train img/s':>12} {'vs pixels':>10}")
+    reference = rates["16-32-64 (pixels)"]
     for name, (model, *_) in runs.items():
         params = sum(p.numel() for p in model.parameters()) / 1e6
-        print(f"{name:32} {params:7.2f}M {rates[name]:12.1f} {rates[name] / reference:11.2f}x")
+        print(f"{name:42} {params:7.2f}M {rates[name]:12.1f} {rates[name] / reference:9.2f}x")
 
 
 def main():
