@@ -2,7 +2,8 @@
 digits, then carve 64 new digits out of pure noise.
 
     python quest_12_2.py                                     # the spec: full MNIST (downloaded to ./data), 20 epochs
-    python quest_12_2.py --data-dir assets/mnist-5k --time-budget 4m --batch-size 32 --base-channels 16 --patch-size 2
+    python quest_12_2.py --data-dir assets/mnist-5k --time-budget 4m --batch-size 32 --base-channels 16 \\
+        --patch-size 2                                       # the Quickstart: 4 minutes on a laptop CPU
     python quest_12_2.py --sample-only --num-samples 256     # new digits from the saved checkpoint, in seconds
 
 Acts: the settings -> the noise schedule -> SimpleUNet -> data -> training (an EMA of the weights, the EMA of a
@@ -372,7 +373,7 @@ class SimpleUNet(nn.Module):
         super().__init__()
         self.patch_size = patch_size
         image_channels *= patch_size ** 2  # what the stem sees and the head predicts
-        c1, c2, c3 = (m * base_channels for m in channel_mult)  # widths at 32x32, 16x16, 8x8
+        c1, c2, c3 = (m * base_channels for m in channel_mult)  # widths at full, half, quarter resolution
         self.emb_dim = 4 * base_channels
         self.time_mlp = nn.Sequential(nn.Linear(base_channels, self.emb_dim), nn.SiLU(),
                                       nn.Linear(self.emb_dim, self.emb_dim), nn.SiLU())
@@ -739,8 +740,9 @@ def main(argv=None):
                      + ("sample with --guidance 1" if args.sample_only else "retrain without --resume"))
             guide_taken = checkpoint["guide_epoch"]
         ema.updates, first_epoch = checkpoint["ema_updates"], checkpoint["epoch"]
+    on_patches = " on 2x2 patches" if config["patch_size"] == 2 else ""
     print(f"device {device} ({path_why}), SimpleUNet {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"parameters{' on 2x2 patches' if config['patch_size'] == 2 else ''}, T={schedule.timesteps} ({config['beta_schedule']} betas, "
+          f"parameters{on_patches}, T={schedule.timesteps} ({config['beta_schedule']} betas, "
           f"alpha_bar_T={schedule.alphas_cumprod[-1].item():.2g})", flush=True)
 
     # ---- training: one epoch at a time; then the guide when it is due, the weights checked, the checkpoint

@@ -8,8 +8,8 @@
         as the script samples).
 
     python bench/bench_ddpm.py cpu --batch-size 32
-        one training step of the 16-32-64 UNet (on pixels; --patch-size 2: the Quickstart's) in fp32, bf16 autocast, channels_last (fp32 and bf16) and
-        torch.compile + bf16, interleaved in rounds in one process (ratios to fp32 are what to read); then the
+        one training step of the 16-32-64 UNet (on pixels; --patch-size 2: the Quickstart's) in fp32, bf16
+        autocast, channels_last (fp32 and bf16) and torch.compile + bf16, interleaved in rounds in one process (ratios to fp32 are what to read); then the
         seconds per digit of DDIM-20 sampling for 64 and 256 digits, one forward pass over all of them vs
         chunks of --sample-batch-size.
 
@@ -54,7 +54,8 @@ def parse_args():
     p.add_argument("--base-channels", type=int, default=16, help="speed, cpu: UNet width at its full resolution")
     p.add_argument("--channel-mult", type=quest.channel_mult, default=(1, 2, 4), help="speed, cpu: widths per level")
     p.add_argument("--patch-size", type=int, choices=[1, 2], default=1,
-                   help="speed, cpu: 2 = the UNet on 2x2 pixel patches (the Quickstart's), 1 = on pixels (the script's default)")
+                   help="speed, cpu: 2 = the UNet on 2x2 pixel patches (the Quickstart's), "
+                        "1 = on pixels (the script's default)")
     p.add_argument("--batch-size", type=int, default=128, help="speed, cpu, widths: training batch")
     p.add_argument("--steps", type=int, default=20, help="speed, cpu, widths: timed training steps per variant (per round)")
     p.add_argument("--rounds", type=int, default=3, help="cpu, widths: interleaved rounds of timed steps per variant")

@@ -8,8 +8,8 @@
 `train` runs the script's own train_step, EMA and warm-up + cosine schedule for a fixed number of epochs on the
 shipped digits and keeps the EMA weights of every epoch (one EMA per --decays), so that guide epochs and EMA
 decays can be compared after the fact without retraining. `eval` samples each combination with the script's
-DPM-Solver-25 (eta 1, in the precision the script picks) and scores it with one judge CNN (trained once, seed 0, kept in --work) on --n samples per
-seed, as `bench_ddpm.py quality` does: confident share (p >= 0.9), Frechet distance in the judge's features as a
+DPM-Solver-25 (eta 1, in the precision the script picks) and scores it with one judge CNN (trained once, seed 0,
+kept in --work) on --n samples per seed, as `bench_ddpm.py quality` does: confident share (p >= 0.9), Frechet distance in the judge's features as a
 multiple of real-vs-real (test digits [0, n) vs [n, 2n)), and for conditional runs the share given the class asked
 for. A combo is DECAY:GUIDE_EPOCH:W[:STEPS[:CFG[:SIGMA_LOW-SIGMA_HIGH]]]; guide epoch 0 samples unguided; the last
 field applies guidance only where the noise level sigma = sqrt((1 - ab) / ab) lies in that interval.

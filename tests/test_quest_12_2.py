@@ -736,7 +736,7 @@ def test_a_conditional_model_trains_resumes_and_draws_the_rows_asked_for(quest, 
     assert config["conditional"] is True and config["patch_size"] == 2  # resumed and sampled on patches below
     resumed = run_main(quest, capsys, "--resume", "--data-dir", mnist_root, "--out-dir", out, "--epochs", "2",
                        "--device", "cpu")["details"]
-    assert resumed["epochs"] == 2 and resumed["classes"] == list(range(10))
+    assert resumed["epochs"] == 2 and resumed["classes"] == list(range(10)) and resumed["patchSize"] == 2
     assert resumed["numSamples"] == 60  # --num-samples left at 64: the multiple of the 10 classes below it
     with Image.open(out / "new_creation.png") as grid:  # the default 0-9: ten rows of six
         assert grid.size == grid_size(60, nrow=6)
