@@ -29,6 +29,8 @@ import json
 import logging
 import math
 import os
+import pickle
+import random
 import re
 import shutil
 import signal
@@ -96,6 +98,14 @@ MIXED_PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": t
 # A LoRA update over 1000x the frozen weight it adapts has diverged: trained ones stay well under 1x.
 MAX_LORA_GROWTH = 1e3
 MAX_RESOLUTION = 2048  # 4x SD v1's native 512 px: beyond it a step needs more memory than any one GPU has
+# Upper bounds of the counts, checked before anything loads: past them a run cannot fit in memory or finish.
+MAX_BATCH_SIZE = 1024  # images in one forward pass: no GPU holds more SD v1 activations at once
+MAX_ACCUMULATION = 1024  # batches per optimizer step: more gives no better gradient, only slower steps
+MAX_EPOCHS = 100_000
+MAX_STEPS = 1_000_000  # weeks of GPU time; the loss log keeps one row per step in memory
+MAX_CHECKPOINTS_KEPT = 1000
+MAX_VALIDATION_STEPS = 1000  # SD v1's scheduler has 1000 timesteps: more denoising steps than that are refused by it
+MAX_VALIDATION_PROMPTS = 100
 
 
 def parse_args(argv=None):
@@ -120,13 +130,15 @@ def parse_args(argv=None):
                         help="Stable Diffusion v1.x model: a hub id or a local folder in diffusers layout")
     parser.add_argument("--resolution", type=number(int, 8, MAX_RESOLUTION), default=256,
                         help="images are resized and center-cropped to this; a multiple of 8 (the VAE's factor)")
-    parser.add_argument("--train-batch-size", type=number(int, 1), default=1, help="images per step and process")
-    parser.add_argument("--gradient-accumulation-steps", type=number(int, 1), default=4,
+    parser.add_argument("--train-batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=1,
+                        help="images per step and process")
+    parser.add_argument("--gradient-accumulation-steps", type=number(int, 1, MAX_ACCUMULATION), default=4,
                         help="batches whose gradients add up before one optimizer step")
     parser.add_argument("--learning-rate", type=number(float, 0, low_open=True), default=1e-4,
                         help="AdamW learning rate of the LoRA weights")
-    parser.add_argument("--num-train-epochs", type=number(int, 1), default=100, help="passes over the images")
-    parser.add_argument("--max-train-steps", type=number(int, 1),
+    parser.add_argument("--num-train-epochs", type=number(int, 1, MAX_EPOCHS), default=100,
+                        help="passes over the images")
+    parser.add_argument("--max-train-steps", type=number(int, 1, MAX_STEPS),
                         help="stop after this many optimizer steps (overrides epochs)")
     parser.add_argument("--train-prompt", default="a painting in the artist's palette",
                         help="the caption of every image without one of its own (a plain folder: all of them)")
@@ -162,17 +174,18 @@ def parse_args(argv=None):
                         help="encode every image (both flips) with the VAE once before training, then free the VAE")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute UNet activations in the backward pass: less memory, slower steps")
-    parser.add_argument("--checkpointing-steps", type=number(int, 1),
+    parser.add_argument("--checkpointing-steps", type=number(int, 1, MAX_STEPS),
                         help="save a resumable checkpoint-N folder in the output dir every N optimizer steps")
-    parser.add_argument("--checkpoints-total-limit", type=number(int, 1),
+    parser.add_argument("--checkpoints-total-limit", type=number(int, 1, MAX_CHECKPOINTS_KEPT),
                         help="keep only the newest this many checkpoint-N folders")
     parser.add_argument("--resume", metavar="CHECKPOINT_DIR|latest",
                         help="continue from a checkpoint-N folder, or from the newest complete one in the output dir")
     parser.add_argument("--validation-prompts", nargs="+", default=[], metavar="PROMPT",
-                        help="after training, render each prompt without and with the LoRA into validation_<i>.png")
-    parser.add_argument("--validation-steps", type=number(int, 1), default=30,
+                        help="after training, render each prompt without and with the LoRA into validation_<i>.png "
+                             f"(at most {MAX_VALIDATION_PROMPTS} prompts)")
+    parser.add_argument("--validation-steps", type=number(int, 1, MAX_VALIDATION_STEPS), default=30,
                         help="denoising steps per validation image")
-    parser.add_argument("--validation-every", type=number(int, 1), metavar="N",
+    parser.add_argument("--validation-every", type=number(int, 1, MAX_STEPS), metavar="N",
                         help="also render the validation prompts every N optimizer steps, into "
                              "validation/step-<N>_<i>.png (keeps the text encoder and VAE in memory)")
     parser.add_argument("--device", choices=["auto", "cuda", "mps", "cpu"], default="auto",
@@ -181,6 +194,7 @@ def parse_args(argv=None):
                         help="0 to 2^32-1; seeds LoRA init, data order, flips, noise and timesteps")
     args = parser.parse_args(argv)
     if args.config is not None:
+        check_text(args.config, "--config")  # a path too: read before check_args runs
         parser.set_defaults(**read_config(args.config, parser))
         args = parser.parse_args(argv)  # again, so that flags typed on the command line win over the JSON
     check_args(args)
@@ -203,10 +217,9 @@ def read_config(text_or_path, parser):
             fail(f"--config '{text_or_path}' is neither a JSON object nor a readable file "
                  f"({getattr(err, 'strerror', None) or err}); pass an inline object like '{{\"resolution\": 256}}' "
                  "or the path of a .json file")
-    try:
-        config = json.loads(text)
-    except json.JSONDecodeError as err:
-        fail(f"--config is not valid JSON ({err}); check quotes and commas")
+    config, problem = read_json(text)
+    if problem:
+        fail(f"--config is not valid JSON ({problem}); check quotes, commas and numbers")
     if not isinstance(config, dict):
         fail("--config must hold a JSON object; wrap the settings in { }")
     actions = {action.dest: action for action in parser._actions}
@@ -229,6 +242,30 @@ def read_config(text_or_path, parser):
     return defaults
 
 
+def read_json(text):
+    """(the value, None), or (None, why Python cannot read it as JSON): a syntax error, but also nesting deeper than
+    Python's recursion limit, or an integer of more than 4300 digits (Python's limit for converting one)."""
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "it is nested too deeply"
+    except ValueError as err:  # json.JSONDecodeError, and the int conversion limit's ValueError
+        if "integer string conversion" in str(err):
+            return None, "it holds a number of more than 4300 digits"
+        return None, str(err)
+
+
+def check_text(text, where):
+    """Every text a user gives reaches the tokenizer, safetensors metadata or a JSON file, which take UTF-8 only. A
+    non-UTF-8 byte from the shell or a file name (Python keeps it as a lone surrogate), or a JSON escape like
+    \\ud800, is refused here, before any model loads."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        fail(f"{where} is not valid UTF-8 text (character {err.start + 1} is {ascii(text[err.start])}, a byte that is "
+             "not UTF-8 or half a surrogate pair); write it in UTF-8")
+
+
 def module_names(text):
     """argparse type for --target-modules: comma-separated layer names like to_q,to_out.0."""
     names = [name.strip() for name in text.split(",")]
@@ -249,6 +286,15 @@ def snake_case(key):
 
 def check_args(args):
     """What can be refused before any image is read or model loaded."""
+    for name, value in vars(args).items():  # flags and --config values alike
+        for index, item in enumerate(value if isinstance(value, list) else [value], start=1):
+            if isinstance(item, str):
+                check_text(item, "--" + name.replace("_", "-") + (f" (item {index})" if isinstance(value, list) else ""))
+    for flag in ("--output-dir", "--dataset-dir"):  # their folder names go into the kohya file's metadata
+        check_text(os.path.realpath(getattr(args, flag[2:].replace("-", "_"))), f"the full path of {flag}")
+    if len(args.validation_prompts) > MAX_VALIDATION_PROMPTS:
+        fail(f"--validation-prompts has {len(args.validation_prompts)} prompts, more than {MAX_VALIDATION_PROMPTS}; "
+             "pass fewer")
     if args.resolution % 8:
         fail(f"--resolution must be a multiple of 8 (the VAE works on 8x8 pixel blocks), got {args.resolution}; "
              f"pass {max(8, args.resolution // 8 * 8)} or {args.resolution // 8 * 8 + 8}")
@@ -265,6 +311,7 @@ def check_args(args):
         if problem:
             fail(f"--resume {args.resume} {problem}; pass a {CHECKPOINT_PREFIX}N folder written by "
                  "--checkpointing-steps, or 'latest'")
+    check_no_other_run(args)
     if args.init_lora is not None:
         init_lora_file(args.init_lora)  # a missing file ends here; its tensors are checked against the UNet later
 
@@ -292,6 +339,32 @@ def load_components(model_id):
     for part in (text_encoder, vae, unet):
         part.requires_grad_(False)
     return tokenizer, text_encoder, vae, unet, noise_scheduler
+
+
+def check_model_parts_fit(tokenizer, text_encoder, vae, unet, model_id):
+    """The parts of a model folder must fit each other, or training fails deep inside the UNet after minutes of
+    caching: an SDXL folder (its UNet attends to two text encoders' 2048 wide output and needs their pooled embedding
+    too), or parts mixed from different models, is refused here in one line naming the mismatch."""
+    config, hidden = unet.config, text_encoder.config.hidden_size
+    width = config.cross_attention_dim
+    widths = set(width) if isinstance(width, (list, tuple)) else {width}
+    extra = config.addition_embed_type or config.class_embed_type or config.encoder_hid_dim_type
+    latent = vae.config.latent_channels
+    mismatches = [
+        (widths != {hidden}, f"its UNet attends to text {'/'.join(sorted(map(str, widths)))} wide, its text encoder "
+                             f"gives {hidden}"),
+        (extra is not None, f"its UNet needs extra conditioning ({extra}), as SDXL's does"),
+        (not config.in_channels == config.out_channels == latent,
+         f"its UNet takes {config.in_channels} and gives {config.out_channels} latent channels, its VAE has {latent}"),
+        (tokenizer.model_max_length > text_encoder.config.max_position_embeddings,
+         f"its tokenizer makes {tokenizer.model_max_length} tokens, its text encoder reads at most "
+         f"{text_encoder.config.max_position_embeddings}"),
+        (len(tokenizer) > text_encoder.config.vocab_size,
+         f"its tokenizer knows {len(tokenizer)} tokens, its text encoder {text_encoder.config.vocab_size}")]
+    problem = next((what for wrong, what in mismatches if wrong), None)
+    if problem:
+        fail(f"the parts of '{model_id}' do not fit each other ({problem}); pass a complete Stable Diffusion v1.x "
+             "model, with all parts from the same one")
 
 
 def check_resolution_fits(resolution, vae, model_id):
@@ -416,8 +489,9 @@ def addnet_hashes(tensors, metadata):
 
 
 def load_lora(unet, directory):
-    """Put the LoRA weights saved by save_lora back into the UNet's training adapter (for --resume)."""
-    state_dict, _ = StableDiffusionPipeline.lora_state_dict(directory)
+    """Put the LoRA weights saved by save_lora back into the UNet's training adapter (for --resume). Read as the
+    safetensors file checkpoint_damage checked, never through a loader that would fall back to a pickled .bin."""
+    state_dict = safetensors.torch.load_file(Path(directory) / LORA_FILE)
     unet_state_dict = {k.removeprefix("unet."): v for k, v in state_dict.items() if k.startswith("unet.")}
     set_peft_model_state_dict(unet, convert_unet_state_dict_to_peft(unet_state_dict), adapter_name="default")
 
@@ -449,22 +523,41 @@ def init_lora(unet, path, args):
         fail(f"--init-lora {path} does not load as safetensors ({str(err).strip()[:200]}); pass a LoRA file this "
              "script wrote")
     expected = get_peft_model_state_dict(unet)
+    fix = "pass a LoRA file this script wrote"
     if any(key.startswith("lora_unet_") for key in tensors):  # kohya: per-module alpha tensors
-        alphas = {float(t) for key, t in tensors.items() if key.endswith(".alpha")}
+        alpha_tensors = {key: t for key, t in tensors.items() if key.endswith(".alpha")}
+        bad = next((key for key, t in alpha_tensors.items() if t.numel() != 1 or t.dtype.is_complex), None)
+        if bad:
+            fail(f"--init-lora {path}: {bad} holds {alpha_tensors[bad].numel()} numbers, not one; {fix}")
+        alphas = {float(t) for t in alpha_tensors.values()}
         kohya_names = peft_key_of_kohya(unet)
         found = {kohya_names.get(key, key): t for key, t in tensors.items() if not key.endswith(".alpha")}
     else:  # diffusers: unet.<module>.lora.down/up.weight, alpha in the adapter metadata
-        adapter = json.loads(metadata.get("lora_adapter_metadata", "{}"))
-        alphas = {float(adapter["unet.lora_alpha"])} if "unet.lora_alpha" in adapter else set()
+        adapter, problem = read_json(metadata.get("lora_adapter_metadata", "{}"))
+        if problem or not isinstance(adapter, dict):
+            fail(f"--init-lora {path}: its lora_adapter_metadata is not a JSON object ({problem or 'another type'}); "
+                 f"{fix}")
+        alpha = adapter.get("unet.lora_alpha", 1.0)
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+            fail(f"--init-lora {path}: its lora_adapter_metadata has a lora_alpha that is not a number "
+                 f"({json.dumps(alpha)[:40]}); {fix}")
+        alphas = {float(alpha)} if "unet.lora_alpha" in adapter else set()
         found = {re.sub(r"\.lora\.(down|up)\.weight$", lambda m: f".lora_{'A' if m[1] == 'down' else 'B'}.weight",
                         key.removeprefix("unet.")): t for key, t in tensors.items()}
     if set(found) != set(expected):
         fail(f"--init-lora {path} adapts other layers than this run ({len(set(found) ^ set(expected))} tensors "
              f"differ); pass the --target-modules and --model-id it was trained with")
-    wrong_rank = next((t.shape[0 if key.endswith("lora_A.weight") else 1] for key, t in found.items()
-                       if t.shape != expected[key].shape), None)
-    if wrong_rank is not None:
-        fail(f"--init-lora {path} has rank {wrong_rank}; pass --rank {wrong_rank}")
+    for key, tensor in found.items():
+        shape, wanted, rank_axis = tuple(tensor.shape), tuple(expected[key].shape), 0 if "lora_A" in key else 1
+        if shape == wanted:
+            continue
+        if len(shape) == len(wanted) and all(a == b for axis, (a, b) in enumerate(zip(shape, wanted))
+                                             if axis != rank_axis):
+            fail(f"--init-lora {path} has rank {shape[rank_axis]}; pass --rank {shape[rank_axis]}")
+        fail(f"--init-lora {path}: {key} has shape {shape}, this run's UNet needs {wanted}; pass the --model-id "
+             "it was trained with")
+    if not all(math.isfinite(alpha) and alpha > 0 for alpha in alphas):
+        fail(f"--init-lora {path} holds a lora_alpha that is not a positive finite number; {fix}")
     if alphas and alphas != {float(args.lora_alpha)}:
         fail(f"--init-lora {path} was trained with lora_alpha {min(alphas):g}; pass --lora-alpha {min(alphas):g}")
     set_peft_model_state_dict(unet, found, adapter_name="default")
@@ -491,9 +584,23 @@ def checkpoint_only_lora(accelerator):
 
 # ---------------------------------------------------------------- data
 def visible_files(folder, keep):
-    """The files under folder (subfolders included, hidden ones skipped) for which keep(path) holds, sorted."""
-    return sorted(path for path in folder.rglob("*") if keep(path) and path.is_file()
-                  and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    """The files under folder (subfolders included, hidden ones skipped) for which keep(path) holds, sorted; each
+    checked to lie inside the folder (see check_inside)."""
+    files = sorted(path for path in folder.rglob("*") if keep(path) and path.is_file()
+                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
+    for path in files:
+        check_inside(path, folder)
+    return files
+
+
+def check_inside(path, folder):
+    """Nothing outside --dataset-dir is read through a link: a caption linked to /proc/self/environ would put the
+    environment, tokens included, into the metadata of the LoRA people share. Refused, not skipped, so that the run
+    never trains on other images than the user counted; a link within the folder is fine."""
+    target = os.path.realpath(path)
+    if not Path(target).is_relative_to(os.path.realpath(folder)):
+        fail(f"{path} is a link to {target}, outside --dataset-dir; copy the file into the folder (cp -L) or remove "
+             "the link")
 
 
 def find_images(dataset_dir):
@@ -517,8 +624,13 @@ def read_utf8(path, what):
         fail(f"could not read {what} {path} ({err.strerror or err}); check the file")
 
 
-def txt_caption(path):
-    """kohya's convention: image.txt beside image.png holds the image's caption, on its first line."""
+def txt_caption(path, folder):
+    """kohya's convention: image.txt beside image.png holds the image's caption, on its first line. It must be a
+    regular file inside the dataset folder (a FIFO would block the read, a device never end it)."""
+    check_inside(path, folder)
+    if not path.is_file():
+        fail(f"caption file {path} is not a regular file (a folder, a FIFO, a device or a broken link); replace it "
+             "with a text file, or delete it (the image then gets --train-prompt)")
     lines = [line.strip() for line in read_utf8(path, "caption file").splitlines() if line.strip()]
     if not lines:
         fail(f"caption file {path} is empty; write the image's caption in it, or delete it (the image then gets "
@@ -534,6 +646,10 @@ def caption_value(value, caption_column, where):
     if not isinstance(value, str):
         fail(f"{where} has a '{caption_column}' that is not a string ({json.dumps(value)[:60]}); write the caption "
              "as a JSON string")
+    check_text(value, f"the caption in {where}")
+    if not value.strip():  # the same rule as an empty .txt: a caption not yet written is not trained on silently
+        fail(f"{where} has an empty caption; write the image's caption there (an image with no caption of its own "
+             "gets --train-prompt)")
     return value.strip()
 
 
@@ -548,17 +664,18 @@ def metadata_captions(folder, images, caption_column):
             if not line.strip():
                 continue
             where = f"{metadata} line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                fail(f"{where} is not JSON ({err.msg}); write one object per line, like {example}")
+            row, problem = read_json(line)
+            if problem:
+                fail(f"{where} is not JSON this script can read ({problem}); write one object per line, like {example}")
             if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
                 fail(f"{where} has no \"file_name\" string; write one object per line, like {example}")
             image = Path(os.path.normpath(metadata.parent / row["file_name"]))
             if image not in known:
-                what = "is not an image file" if image.is_file() else "does not exist"
-                fail(f"{where} names {row['file_name']}, which {what} in {metadata.parent}; fix the file_name or "
-                     "remove the line")
+                inside = Path(os.path.realpath(image)).is_relative_to(os.path.realpath(folder))
+                what = (f"is outside the dataset folder {folder}" if not inside else
+                        f"is not an image file in {metadata.parent}" if image.is_file() else
+                        f"does not exist in {metadata.parent}")
+                fail(f"{where} names {row['file_name']}, which {what}; fix the file_name or remove the line")
             if caption_column not in row:
                 fail(f"{where} has no '{caption_column}' column (it has {', '.join(map(str, row)) or 'none'}); "
                      "pass --caption-column with the one that holds the captions")
@@ -575,8 +692,8 @@ def read_folder(args):
     from_metadata = metadata_captions(Path(args.dataset_dir), files, args.caption_column)
     captions, sources = [], {"txt": 0, "metadata.jsonl": 0, "--train-prompt": 0}
     for path in files:
-        if path.with_suffix(".txt").is_file():
-            captions.append(txt_caption(path.with_suffix(".txt")))
+        if os.path.lexists(path.with_suffix(".txt")):
+            captions.append(txt_caption(path.with_suffix(".txt"), Path(args.dataset_dir)))
             sources["txt"] += 1
         elif path in from_metadata:
             captions.append(from_metadata[path])
@@ -628,6 +745,8 @@ def to_rgb(image):
     """Any PIL mode as 8-bit RGB: 16-bit greyscale scaled down (not clipped to white), transparency over white."""
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         pixels = np.asarray(image, dtype=np.float64)
+        if not np.isfinite(pixels).all():
+            raise ValueError("it holds NaN or infinite pixel values")
         if image.mode == "F" and pixels.size and pixels.max() <= 1.0:
             pixels = pixels * 255.0  # float images in [0, 1]
         elif image.mode != "F" and (image.mode != "I" or (pixels.size and pixels.max() > 255)):
@@ -674,6 +793,12 @@ def caption_table(captions, args):
     distinct = list(dict.fromkeys(final))
     index = {caption: i for i, caption in enumerate(distinct)}
     return distinct + ([""] if args.caption_dropout else []), [index[caption] for caption in final], final
+
+
+def caption_hash(final_captions):
+    """A short fingerprint of every image's caption, in order: kept in each checkpoint, so that a resumed run can say
+    when the captions changed since."""
+    return hashlib.sha256(json.dumps(final_captions).encode()).hexdigest()[:16]
 
 
 class Pixels(Dataset):
@@ -756,6 +881,16 @@ def make_accelerator(args, device):
 
 
 # ---------------------------------------------------------------- training
+def check_planned_steps(args, image_count, num_processes):
+    """--num-train-epochs over this many images must stay within MAX_STEPS optimizer steps, like --max-train-steps
+    (which wins when given); said before the model loads."""
+    batches = math.ceil(math.ceil(image_count / num_processes) / args.train_batch_size)
+    steps = args.max_train_steps or args.num_train_epochs * math.ceil(batches / args.gradient_accumulation_steps)
+    if steps > MAX_STEPS:
+        fail(f"--num-train-epochs {args.num_train_epochs} over {image_count} images is {steps} optimizer steps, more "
+             f"than {MAX_STEPS}; pass fewer epochs, or --max-train-steps")
+
+
 class Diverged(Exception):
     """The training loss, or the LoRA weights after an optimizer step, stopped being finite or blew up."""
 
@@ -799,13 +934,13 @@ def check_weights(unet, lora_parameters, step):
 
 
 def train(args, accelerator, unet, optimizer, dataloader, lora_parameters, noise_scheduler, text_embeddings, vae,
-          latent_scale, start_step, loss_rows, validation_pipeline=None):
+          latent_scale, start_step, loss_rows, validation_pipeline=None, captions_hash=None):
     """The spec's loop: latents, noise, noisy latents, UNet predicts the noise, MSE, step every N batches.
 
     text_embeddings[i] is caption i's embedding (computed once); vae encodes pixels when the latents are not cached
     (args.cache_latents); latent_scale is the VAE's scaling_factor. Checkpoints every --checkpointing-steps,
-    validation images every --validation-every (with validation_pipeline). Returns the run's figures; its loss rows
-    continue `loss_rows`."""
+    validation images every --validation-every (with validation_pipeline); each checkpoint records captions_hash.
+    Returns the run's figures; its loss rows continue `loss_rows`."""
     steps_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -859,7 +994,7 @@ def train(args, accelerator, unet, optimizer, dataloader, lora_parameters, noise
                 progress.set_postfix(loss=f"{step_loss:.4f}")
                 if args.checkpointing_steps and step % args.checkpointing_steps == 0:
                     check_weights(accelerator.unwrap_model(unet), lora_parameters, step)
-                    save_checkpoint(args, accelerator, step, loss_rows)
+                    save_checkpoint(args, accelerator, step, loss_rows, captions_hash)
                 if args.validation_every and step % args.validation_every == 0:
                     check_weights(accelerator.unwrap_model(unet), lora_parameters, step)
                     render_during_training(validation_pipeline, args, accelerator, unet, step)
@@ -877,9 +1012,10 @@ def train(args, accelerator, unet, optimizer, dataloader, lora_parameters, noise
 
 # ---------------------------------------------------------------- checkpoints: written whole, read back checked
 def checkpoint_step(path):
-    """N for a folder named checkpoint-N, else None."""
-    suffix = Path(path).name.removeprefix(CHECKPOINT_PREFIX)
-    return int(suffix) if Path(path).name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() else None
+    """N for a folder named checkpoint-N as this script names them (ASCII digits, no leading zero), else None:
+    str.isdigit would also take 'checkpoint-²', which int() refuses."""
+    match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"([1-9][0-9]*)", Path(path).name)
+    return int(match[1]) if match else None
 
 
 def marker_problem(marker, step):
@@ -902,13 +1038,64 @@ def marker_problem(marker, step):
     return f"has a wrong or missing '{wrong[0]}'" if wrong else None
 
 
-def checkpoint_damage(path):
-    """Why the files of a checkpoint-N folder cannot be trusted (they do not load, or hold non-finite weights), or
-    None. Read for content, not existence: a truncated file or a hand-edited marker is found here, not mid-resume."""
+# What np.random.get_state() pickles into (accelerate keeps it in random_states_<rank>.pkl): an array of uint32.
+# torch.load(weights_only=True) with exactly these allowed rebuilds the RNG states and refuses anything else, such
+# as a planted object whose unpickling would run code. accelerate.load_state reads the file the same way.
+RNG_STATE_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
+
+
+def load_torch_file(path):
+    """torch.load without running code: tensors, numbers and RNG states only; anything else raises."""
+    with torch.serialization.safe_globals(RNG_STATE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def torch_file_problem(path):
+    """Why a checkpoint's optimizer.bin, scaler.pt or random_states_<rank>.pkl cannot be trusted, or None. Read with
+    load_torch_file; the RNG states are tried on fresh generators, since accelerate.load_state skips RNG states it
+    cannot set without a word, and a resumed run would then silently draw other numbers."""
     try:
-        marker = json.loads((path / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        return f"its {CHECKPOINT_MARKER} does not load ({getattr(err, 'strerror', None) or err})"
+        content = load_torch_file(path)
+    except pickle.UnpicklingError as err:
+        culprit = re.search(r"GLOBAL (\S+)", str(err))
+        return (f"its {path.name} holds objects other than tensors and numbers "
+                f"({'it asks for ' + culprit[1] if culprit else 'unknown pickle content'}): loading it could run code, "
+                "so it is not loaded")
+    except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        return f"its {path.name} does not load ({reason[:120]})"
+    if not path.name.startswith("random_states_"):  # optimizer.bin, scaler.pt: state dicts
+        keys = {"state", "param_groups"} if path.name == "optimizer.bin" else set()
+        return None if isinstance(content, dict) and keys <= content.keys() else f"its {path.name} holds no state"
+    try:
+        random.Random().setstate(content["random_state"])
+        np.random.RandomState().set_state(content["numpy_random_seed"])
+        torch.Generator().set_state(content["torch_manual_seed"])
+    except (TypeError, KeyError, ValueError, IndexError, RuntimeError) as err:
+        return f"its {path.name} holds no usable random-number states ({str(err)[:80] or type(err).__name__})"
+    return None
+
+
+def checkpoint_damage(path):
+    """Why the files of a checkpoint-N folder cannot be trusted (they are not regular files, do not load, could run
+    code, or hold non-finite weights), or None. Read for content, not existence: a truncated file or a hand-edited
+    marker is found here, not mid-resume. Every file is checked to be a regular file before it is opened: a FIFO
+    would block the read forever."""
+    rng_files = sorted(p.name for p in path.glob("random_states_*.pkl"))
+    if "random_states_0.pkl" not in rng_files:
+        return "it has no random_states_0.pkl"
+    optional = [name for name in ("scaler.pt",) if os.path.lexists(path / name)]  # fp16 runs only
+    for name in [CHECKPOINT_MARKER, LORA_FILE, "optimizer.bin", LOSS_LOG, *rng_files, *optional]:
+        if not (path / name).is_file():
+            return f"its {name} is missing or not a regular file (a folder, a FIFO or a device)"
+    if list(path.glob("custom_checkpoint_*.pkl")):  # accelerate.load_state fails on any: this script registers none
+        return "it holds custom_checkpoint files, which this script never writes"
+    try:
+        marker, problem = read_json((path / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        marker, problem = None, getattr(err, "strerror", None) or str(err)
+    if problem:
+        return f"its {CHECKPOINT_MARKER} does not load ({problem})"
     problem = marker_problem(marker, checkpoint_step(path))
     if problem:
         return f"its {CHECKPOINT_MARKER} {problem}"
@@ -918,14 +1105,10 @@ def checkpoint_damage(path):
         return f"its {LORA_FILE} does not load ({str(err).strip().splitlines()[0] if str(err).strip() else err!r})"
     if not lora or not all_finite(lora.values()):
         return f"its {LORA_FILE} holds no weights or non-finite ones"
-    for name in ["optimizer.bin", *sorted(p.name for p in path.glob("random_states_*.pkl"))]:
-        try:  # our own files, as accelerate.load_state would read them (the RNG states need full unpickling)
-            torch.load(path / name, map_location="cpu", weights_only=name == "optimizer.bin")
-        except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            return f"its {name} does not load ({reason[:120]})"
-    if not (path / "random_states_0.pkl").is_file():
-        return "it has no random_states_0.pkl"
+    for name in ["optimizer.bin", *rng_files, *optional]:
+        problem = torch_file_problem(path / name)
+        if problem:
+            return problem
     return read_loss_csv(path / LOSS_LOG, checkpoint_step(path))[1]
 
 
@@ -958,12 +1141,31 @@ def shape_problem(path, args):
     return None
 
 
+def checkpoint_folders(output_dir):
+    """{step: folder} of every checkpoint-N folder in output_dir, complete or not (temp folders left out)."""
+    folders = Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if Path(output_dir).is_dir() else []
+    return {checkpoint_step(p): p for p in folders if checkpoint_step(p) is not None and p.is_dir()}
+
+
 def finished_checkpoints(output_dir):
     """{step: folder} of the checkpoint-N folders in output_dir that were completed (their marker written last);
     temp folders and ones cut off by older versions are left out. Their content is checked only when used."""
-    folders = Path(output_dir).glob(f"{CHECKPOINT_PREFIX}*") if Path(output_dir).is_dir() else []
-    return {checkpoint_step(p): p for p in folders
-            if checkpoint_step(p) is not None and (p / CHECKPOINT_MARKER).is_file()}
+    return {step: p for step, p in checkpoint_folders(output_dir).items() if (p / CHECKPOINT_MARKER).is_file()}
+
+
+def check_no_other_run(args):
+    """An output folder's checkpoint-N folders belong to one run. A run that does not continue from one of them
+    (no --resume, or --resume from another folder) is refused: its checkpoints would mix with the earlier run's,
+    --checkpoints-total-limit would delete its own new ones as older, and a stop would name the other run's as the one
+    to resume. Refusing loses nothing; moving the old ones aside would change the user's folder unasked."""
+    earlier = checkpoint_folders(args.output_dir)
+    continues = args.resume == "latest" or (
+        args.resume is not None and os.path.realpath(Path(args.resume).parent) == os.path.realpath(args.output_dir))
+    if earlier and not continues:
+        newest = earlier[max(earlier)]
+        fail(f"--output-dir {args.output_dir} holds {newest.name} of an earlier run, which this run's checkpoints "
+             f"would mix with; pass --resume latest to continue that run, or another --output-dir (or delete its "
+             f"{CHECKPOINT_PREFIX}N folders to start over there)")
 
 
 def newest_intact_checkpoint(output_dir):
@@ -996,8 +1198,9 @@ def resume_checkpoint(args):
     return intact
 
 
-def resume(checkpoint, args, accelerator, unet, optimizer):
-    """Restore a checkpoint into the prepared UNet, optimizer and RNGs; returns (its step, its loss rows)."""
+def resume(checkpoint, args, accelerator, unet, optimizer, captions_hash=None):
+    """Restore a checkpoint into the prepared UNet, optimizer and RNGs; returns (its step, its loss rows). A note says
+    when the captions it was trained on (captions_hash, see caption_hash) changed since."""
     if checkpoint is None:
         if args.resume == "latest" and accelerator.is_main_process:
             tqdm.write(f"no complete {CHECKPOINT_PREFIX}N folder in {args.output_dir} yet: starting from step 0")
@@ -1013,22 +1216,34 @@ def resume(checkpoint, args, accelerator, unet, optimizer):
     if not (checkpoint / f"random_states_{accelerator.process_index}.pkl").is_file():
         fail(f"--resume {checkpoint} was written by fewer processes than this run's {accelerator.num_processes}; "
              "resume with as many processes as it was saved with")
+    if accelerator.scaler is not None and not (checkpoint / "scaler.pt").is_file():
+        fail(f"--resume {checkpoint} was not trained with --mixed-precision fp16 (it has no scaler.pt); resume with "
+             "the --mixed-precision it was trained with (no or bf16)")
     marker = json.loads((checkpoint / CHECKPOINT_MARKER).read_text(encoding="utf-8"))
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (ValueError, RuntimeError, KeyError, TypeError, OSError) as err:  # e.g. an optimizer state of other shapes
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        fail(f"--resume {checkpoint} does not load into this run ({reason}); pass a checkpoint this script wrote "
+             "with the same flags")
     for group in optimizer.param_groups:  # the optimizer state brings its learning rate back: the flag wins
         group["lr"] = args.learning_rate
     if marker["learningRate"] != args.learning_rate and accelerator.is_main_process:
         tqdm.write(f"note: {checkpoint.name} was trained with --learning-rate {marker['learningRate']}; "
                    f"continuing with {args.learning_rate}")
+    if marker.get("captionsHash", captions_hash) != captions_hash and accelerator.is_main_process:  # older: no hash
+        tqdm.write(f"note: the captions (or the images they belong to) changed since {checkpoint.name} was saved; "
+                   "training continues on the new ones")
     step = checkpoint_step(checkpoint)
     if accelerator.is_main_process:
         tqdm.write(f"resumed from {checkpoint} (step {step})")
     return step, read_loss_csv(checkpoint / LOSS_LOG, step)[0]
 
 
-def save_checkpoint(args, accelerator, step, loss_rows):
+def save_checkpoint(args, accelerator, step, loss_rows, captions_hash=None):
     """checkpoint-N, written as .checkpoint-N.tmp and renamed when complete: a folder named checkpoint-N is always
-    whole, and --resume latest never picks a half-written one. Keeps --checkpoints-total-limit folders."""
+    whole, and --resume latest never picks a half-written one. Keeps --checkpoints-total-limit folders, counting only
+    those up to this step: newer ones (left by a run resumed from an earlier checkpoint) never push this one out."""
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)  # checked writable before any work; created when first used
@@ -1043,7 +1258,7 @@ def save_checkpoint(args, accelerator, step, loss_rows):
             write_loss_log(tmp, loss_rows)
             marker = {"step": step, "lora": lora_shape(args), "learningRate": args.learning_rate,
                       "numProcesses": accelerator.num_processes,
-                      "modelId": args.model_id}
+                      "modelId": args.model_id, "captionsHash": captions_hash}
             write_atomically(tmp / CHECKPOINT_MARKER, json.dumps(marker, indent=2).encode())
             if final.exists():  # e.g. a run started again in the same output folder
                 old = output_dir / f".{CHECKPOINT_PREFIX}{step}.old"
@@ -1063,7 +1278,9 @@ def save_checkpoint(args, accelerator, step, loss_rows):
     if accelerator.is_main_process:
         write_loss_log(output_dir, loss_rows)
         if args.checkpoints_total_limit:
-            for old_step, folder in sorted(finished_checkpoints(output_dir).items())[:-args.checkpoints_total_limit]:
+            kept = sorted((old_step, folder) for old_step, folder in finished_checkpoints(output_dir).items()
+                          if old_step <= step)
+            for old_step, folder in kept[:-args.checkpoints_total_limit]:
                 shutil.rmtree(folder, ignore_errors=True)
         tqdm.write(f"saved {final}")
     accelerator.wait_for_everyone()
@@ -1222,6 +1439,16 @@ def write_loss_log(directory, rows):
     write_atomically(Path(directory) / LOSS_PLOT, loss_plot_png(rows))
 
 
+def remove_earlier_result(output_dir):
+    """An earlier run's result.json describes the LoRA this run is about to replace: it goes first, so that a failure
+    while writing or rendering cannot leave it claiming success beside the new files."""
+    try:
+        (output_dir / RESULT_FILE).unlink(missing_ok=True)
+    except OSError as err:
+        fail(f"could not remove the earlier {output_dir / RESULT_FILE} ({err.strerror or err}); remove it yourself "
+             "or pass another output folder")
+
+
 def quiet_libraries():
     """Weight-loading bars would bury the one line a failure prints (info logs are off since the imports)."""
     transformers.utils.logging.disable_progress_bar()
@@ -1241,6 +1468,7 @@ def main(argv=None):
     images = load_palette(files, args.resolution)
     distinct_captions, caption_ids, final_captions = caption_table(captions, args)
     accelerator = make_accelerator(args, device)
+    check_planned_steps(args, len(images), accelerator.num_processes)
     if accelerator.is_main_process:
         print(f"{len(images)} images, {len(set(final_captions))} distinct captions ("
               + ", ".join(f"{count} from {source}" for source, count in sources.items() if count) + ")")
@@ -1249,6 +1477,7 @@ def main(argv=None):
 
     # Act 2: the frozen model; what is fixed (text embeddings, VAE latents) is computed once and freed.
     tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args.model_id)
+    check_model_parts_fit(tokenizer, text_encoder, vae, unet, args.model_id)
     check_resolution_fits(args.resolution, vae, args.model_id)
     text_embeddings = embed_captions(tokenizer, text_encoder, distinct_captions, accelerator.device)
     vae.to(accelerator.device)  # fp32: it only encodes, and an fp16 VAE can overflow into NaN
@@ -1269,11 +1498,12 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     checkpoint_only_lora(accelerator)
-    start_step, loss_rows = resume(checkpoint, args, accelerator, unet, optimizer)
+    start_step, loss_rows = resume(checkpoint, args, accelerator, unet, optimizer, caption_hash(final_captions))
     validation_pipeline = training_validation_pipeline(args, accelerator, unet, text_encoder, vae, tokenizer)
     try:
         stats = train(args, accelerator, unet, optimizer, dataloader, lora_parameters, noise_scheduler,
-                      text_embeddings, vae, latent_scale, start_step, loss_rows, validation_pipeline)
+                      text_embeddings, vae, latent_scale, start_step, loss_rows, validation_pipeline,
+                      caption_hash(final_captions))
     except Diverged as err:
         scale = args.lora_alpha / args.rank  # each update is scaled by alpha / r: a large one amplifies every step
         also = f" or --lora-alpha (alpha / rank is {scale:g})" if scale > 4 else ""
@@ -1283,31 +1513,37 @@ def main(argv=None):
         stop_interrupted(stop, what_was_kept(output_dir))
     accelerator.wait_for_everyone()
 
-    # Act 4: the LoRA in both layouts, the loss log and the result, then the validation images from the saved file.
+    # Act 4: the LoRA in both layouts, the loss log, the validation images from the saved file, and the result last:
+    # result.json and the JSON line say success only once every promised file is there.
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_earlier_result(output_dir)
         model = accelerator.unwrap_model(unet)
         dataset = Path(args.dataset_name or args.dataset_dir)  # kohya keys the tag counts by the folder's name
         dataset_label = dataset.resolve().name if dataset.exists() else args.dataset_name
         result = {"success": True, "outputDir": str(output_dir.resolve()), "epochsCompleted": stats["epochsCompleted"],
                   "finalLoss": None if stats["finalLoss"] is None else round(stats["finalLoss"], 6),
                   "steps": stats["steps"]}
-        try:  # each file whole (atomic); result.json last, and before validation, which may still fail
+        try:  # each file whole (atomic)
             save_lora(model, output_dir, kohya_metadata(args, model, final_captions, dataset_label))
             write_loss_log(output_dir, stats["lossRows"])
-            write_atomically(output_dir / RESULT_FILE, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
         except KeyboardInterrupt as stop:
             stop_interrupted(stop, f"stopped while writing the LoRA files in {output_dir}; "
                                    f"{what_was_kept(output_dir)}")
         del unet, model, optimizer, validation_pipeline
         text_encoder = vae = None
         accelerator.free_memory()
+        unfinished = f"the LoRA files and the loss log in {output_dir} are complete, but not {RESULT_FILE}"
         try:
             validation = render_validation_images(args, output_dir, accelerator) if args.validation_prompts else []
+            write_atomically(output_dir / RESULT_FILE, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
         except KeyboardInterrupt as stop:
-            stop_interrupted(stop, f"the LoRA, the loss log and {RESULT_FILE} in {output_dir} are complete; only "
-                                   "validation images are missing")
-        written = [LORA_FILE, KOHYA_FILE, LOSS_LOG, LOSS_PLOT, RESULT_FILE, *(path.name for path in validation)]
+            stop_interrupted(stop, f"{unfinished} or the validation images; run the same command again for them")
+        except (RuntimeError, ValueError, OSError) as err:  # e.g. out of memory while rendering
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            fail(f"the validation images could not be rendered ({reason}); {unfinished}: run again with fewer or "
+                 "no --validation-prompts")
+        written = [LORA_FILE, KOHYA_FILE, LOSS_LOG, LOSS_PLOT, *(path.name for path in validation), RESULT_FILE]
         print(f"wrote {', '.join(written)} to {output_dir}")
         print(json.dumps(result, allow_nan=False))
     accelerator.end_training()

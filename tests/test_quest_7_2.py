@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -111,7 +112,7 @@ def test_tiny_run_writes_loras_result_loss_log_checkpoints_and_validation_images
     assert result["epochsCompleted"] == 2 and result["steps"] == 4
     assert 0 < result["finalLoss"] < 10
     assert "epoch 1/2: loss" in proc.stdout and "epoch 2/2: loss" in proc.stdout
-    assert str(out_dir) in proc.stdout.splitlines()[-2]  # says where it wrote its files
+    assert proc.stdout.splitlines()[-2].endswith(f"result.json to {out_dir}")  # where it wrote; the result last
     weights = lora_weights(out_dir)
     ups = [tensor for key, tensor in weights.items() if ".lora.up." in key]
     assert ups and all(key.startswith("unet.") for key in weights)
@@ -280,6 +281,39 @@ def test_init_lora_of_another_shape_is_one_line_and_the_kohya_file_loads_as_the_
                 assert word in message(exit_info)
 
 
+def damage_lora(source, target, metadata=None, tensors=None):
+    """A copy of the LoRA file `source` with its metadata and tensors updated."""
+    with safe_open(source, "pt") as file:
+        old_metadata = file.metadata()
+    save_file({**load_file(source), **(tensors or {})}, target, {**old_metadata, **(metadata or {})})
+    return target
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("file_name, metadata, tensors, words", [
+    ("pytorch_lora_weights.safetensors", {"lora_adapter_metadata": "{not json"}, None, ["not a JSON object"]),
+    ("pytorch_lora_weights.safetensors", {"lora_adapter_metadata": "[" * 100_000 + "]" * 100_000}, None,
+     ["nested too deeply"]),
+    ("pytorch_lora_weights.safetensors", {"lora_adapter_metadata": '{"unet.lora_alpha": "abc"}'}, None,
+     ["lora_alpha", "not a number", '"abc"']),
+    (KOHYA_FILE, None, {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha":
+                        torch.tensor([8.0, 8.0])}, ["attn1_to_q.alpha", "2 numbers"]),
+    (KOHYA_FILE, None, {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha":
+                        torch.tensor(float("nan"))}, ["lora_alpha", "positive finite"]),
+])
+def test_a_damaged_init_lora_is_one_line(learned, tiny_model, quest, tmp_path, file_name, metadata, tensors, words):
+    from diffusers import UNet2DConditionModel
+    out_dir, _ = learned
+    args = quest.parse_args(["--output-dir", str(tmp_path), *map(str, SMALL_LORA)])
+    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet.add_adapter(quest.LoraConfig(**quest.lora_shape(args)))
+    damaged = damage_lora(out_dir / file_name, tmp_path / file_name, metadata, tensors)
+    with pytest.raises(SystemExit) as exit_info:
+        quest.init_lora(unet, damaged, args)
+    for word in ["--init-lora", str(damaged), *words]:
+        assert word in message(exit_info)
+
+
 @pytest.mark.slow
 def test_lora_reloads_at_trained_strength_and_infers_deterministically(trained, tiny_model, one_thread):
     out_dir, _, _ = trained("cpu")
@@ -428,6 +462,8 @@ def test_config_inline_or_file_and_flags_win(quest, tmp_path):
     ("[1, 2]", ["JSON object"]),
     ("{not json", ["not valid JSON"]),
     ("missing.json", ["missing.json", "neither"]),
+    ("[" * 100_000 + "]" * 100_000, ["not valid JSON", "nested too deeply"]),  # RecursionError inside json
+    ('{"resolution": ' + "1" * 5000 + "}", ["not valid JSON", "4300 digits"]),  # past Python's int conversion limit
 ])
 def test_bad_config_is_one_clear_line(quest, config, words):
     with pytest.raises(SystemExit) as exit_info:
@@ -453,6 +489,23 @@ def test_bad_config_is_one_clear_line(quest, config, words):
     (["--mixed-precision", "fp8"], ["--mixed-precision", "fp8"]),
     (["--device", "tpu"], ["--device", "tpu"]),
     (["--validation-every", "5"], ["--validation-every", "--validation-prompts"]),
+    # Every count has an upper bound that fits memory and time.
+    (["--train-batch-size", "1025"], ["--train-batch-size", "[1, 1024]"]),
+    (["--gradient-accumulation-steps", "1000000000"], ["--gradient-accumulation-steps", "[1, 1024]"]),
+    (["--num-train-epochs", "1000000000"], ["--num-train-epochs", "[1, 100000]"]),
+    (["--max-train-steps", "1000000000000"], ["--max-train-steps", "[1, 1000000]"]),
+    (["--checkpointing-steps", "1000001"], ["--checkpointing-steps", "[1, 1000000]"]),
+    (["--checkpoints-total-limit", "1001"], ["--checkpoints-total-limit", "[1, 1000]"]),
+    (["--validation-steps", "1001"], ["--validation-steps", "[1, 1000]"]),
+    (["--validation-prompts", "x", "--validation-every", "1000001"], ["--validation-every", "[1, 1000000]"]),
+    (["--validation-prompts", *["x"] * 101], ["--validation-prompts", "101 prompts", "100"]),
+    # Every text must be UTF-8: a Latin-1 byte from the shell reaches Python as a lone surrogate, as here.
+    (["--trigger-word", "z\udce9"], ["--trigger-word", "not valid UTF-8", "'\\udce9'"]),
+    (["--validation-prompts", "fine", "caf\udce9"], ["--validation-prompts (item 2)", "not valid UTF-8"]),
+    (["--train-prompt", "caf\udce9"], ["--train-prompt", "not valid UTF-8"]),
+    (["--config", "settings\udce9.json"], ["--config", "not valid UTF-8"]),
+    (["--config", '{"datasetDir": "bad \\ud800"}'], ["--dataset-dir", "not valid UTF-8"]),  # valid JSON, no UTF-8
+    (["--output-dir", "seal\udce9"], ["--output-dir", "not valid UTF-8"]),
 ])
 def test_bad_numbers_and_choices_stop_before_anything_loads(quest, flags, words):
     with pytest.raises(SystemExit) as exit_info:
@@ -460,6 +513,16 @@ def test_bad_numbers_and_choices_stop_before_anything_loads(quest, flags, words)
     text = message(exit_info)
     for word in words:
         assert word in text
+
+
+def test_epochs_over_many_images_are_bounded_like_max_train_steps(quest):
+    args = quest.parse_args(["--num-train-epochs", "100000", "--gradient-accumulation-steps", "1"])
+    quest.check_planned_steps(args, 10, num_processes=1)  # 1M steps: the most
+    with pytest.raises(SystemExit) as exit_info:
+        quest.check_planned_steps(args, 11, num_processes=1)
+    assert "1100000 optimizer steps" in message(exit_info) and "--max-train-steps" in message(exit_info)
+    quest.check_planned_steps(quest.parse_args([*map(str, ["--num-train-epochs", 100000, "--max-train-steps", 5])]),
+                              11, num_processes=1)  # --max-train-steps wins
 
 
 def test_mixed_precision_follows_the_flag_then_accelerate_launch_then_the_device(quest, monkeypatch):
@@ -510,6 +573,8 @@ def write_png_bomb(path, side=20_000):
     (write_truncated_png, ["corrupt", "bad.png"]),
     (lambda path: path.write_text("not a picture, just text"), ["corrupt", "bad.png", "not an image"]),
     (write_png_bomb, ["bad.png", "too large", "decompression bomb"]),
+    (lambda path: Image.fromarray(np.full((16, 16), np.nan, np.float32), "F").save(path, format="TIFF"),
+     ["bad.png", "NaN"]),  # a float image of NaN: refused, not trained on as black with a numpy warning
 ])
 def test_a_bad_image_is_named_in_one_line(quest, palette, tmp_path, writer, words):
     folder = tmp_path / "images"
@@ -578,6 +643,8 @@ def test_captions_come_from_txt_then_metadata_then_the_train_prompt(quest, tmp_p
         "palette_0.png", "palette_1.png", "palette_2.png", "palette_3.png", "sub/deep.png"]
     assert captions == ["from txt, red", "txt wins", "from metadata", "plain", "first"]
     assert sources == {"txt": 2, "metadata.jsonl": 2, "--train-prompt": 1}
+    (folder / "palette_3.txt").symlink_to(folder / "palette_1.txt")  # a link that stays inside the folder is read
+    assert quest.read_folder(args)[1][3] == "txt wins"
     args = quest.parse_args(["--trigger-word", "zq", "--caption-dropout", "0.1", "--output-dir", str(tmp_path)])
     distinct, ids, final = quest.caption_table(["a", "b", "a", ""], args)
     assert final == ["zq, a", "zq, b", "zq, a", "zq"] and distinct == ["zq, a", "zq, b", "zq", ""]
@@ -599,9 +666,32 @@ def test_captions_come_from_txt_then_metadata_then_the_train_prompt(quest, tmp_p
      ["metadata.jsonl line 1", "not a string"]),
     (lambda folder: (folder / "metadata.jsonl").write_text('["palette_2.png"]'),
      ["metadata.jsonl line 1", "file_name"]),
+    # One rule for empty captions, .txt or metadata.jsonl: refused.
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "palette_2.png", "text": "  "}'),
+     ["metadata.jsonl line 1", "empty caption"]),
+    # Valid JSON, no UTF-8 text; JSON Python cannot parse (too deep, a number past the int conversion limit).
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "palette_2.png", "text": "bad \\ud800"}'),
+     ["caption in", "metadata.jsonl line 1", "not valid UTF-8"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text("[" * 100_000 + "]" * 100_000),
+     ["metadata.jsonl line 1", "nested too deeply"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "palette_2.png", "n": ' + "9" * 5000 + "}"),
+     ["metadata.jsonl line 1", "4300 digits"]),
+    (lambda folder: (Image.new("RGB", (8, 8)).save(folder.parent / "outside.png"),
+                     (folder / "metadata.jsonl").write_text('{"file_name": "../outside.png", "text": "x"}')),
+     ["metadata.jsonl line 1", "../outside.png", "outside the dataset folder"]),
+    # Nothing is read through a link that leaves the dataset folder, and no caption from a FIFO.
+    (lambda folder: (folder / "palette_3.txt").symlink_to("/proc/self/environ"),
+     ["palette_3.txt", "/proc/", "outside --dataset-dir"]),
+    (lambda folder: (folder / "linked.png").symlink_to(folder.parent / "elsewhere.png"),
+     ["linked.png", "outside --dataset-dir", "cp -L"]),
+    (lambda folder: (os.replace(folder / "metadata.jsonl", folder.parent / "metadata.jsonl"),
+                     (folder / "metadata.jsonl").symlink_to(folder.parent / "metadata.jsonl")),
+     ["metadata.jsonl", "outside --dataset-dir"]),
+    (lambda folder: os.mkfifo(folder / "palette_3.txt"), ["palette_3.txt", "not a regular file"]),
 ])
 def test_a_bad_caption_file_or_metadata_line_is_named_in_one_line(quest, tmp_path, damage, words):
     folder = write_mixed_folder(tmp_path / "mixed")
+    Image.new("RGB", (8, 8)).save(tmp_path / "elsewhere.png")
     damage(folder)
     with pytest.raises(SystemExit) as exit_info:
         quest.read_folder(quest.parse_args(["--dataset-dir", str(folder), "--output-dir", str(tmp_path)]))
@@ -661,6 +751,48 @@ def test_unloadable_model_folder_fails_cleanly_naming_it(quest, tmp_path):
     assert "could not load" in message(exit_info) and str(tmp_path) in message(exit_info)
 
 
+def test_a_model_whose_parts_do_not_fit_is_one_line_before_any_caching(quest, tiny_model, palette, tmp_path,
+                                                                       one_thread):
+    """A UNet that attends to text 64 wide beside a text encoder that gives 32 (as an SDXL folder's 2048 beside
+    CLIP-L's 768): refused right after loading, not 79 lines of traceback after caching the latents."""
+    from diffusers import UNet2DConditionModel
+    model = shutil.copytree(tiny_model, tmp_path / "mixed-model", ignore=shutil.ignore_patterns("unet"))
+    config = UNet2DConditionModel.load_config(Path(tiny_model) / "unet")
+    UNet2DConditionModel.from_config({**config, "cross_attention_dim": 64}).save_pretrained(model / "unet")
+    with pytest.raises(SystemExit) as exit_info:
+        quest.main(["--model-id", str(model), "--dataset-dir", str(palette), "--output-dir", str(tmp_path / "seal"),
+                    *map(str, TINY_RUN), "--device", "cpu"])
+    for word in (str(model), "do not fit", "64 wide", "gives 32"):
+        assert word in message(exit_info)
+    assert not (tmp_path / "seal").exists()
+
+
+@pytest.mark.slow
+def test_the_result_comes_last_and_a_failed_validation_leaves_no_success(trained, tiny_model, palette, quest, tmp_path,
+                                                                          monkeypatch, capsys, one_thread):
+    """Resumed for its last step with new captions (a note says so), then validation fails (out of memory, as on a
+    small GPU): one line, no result.json (the earlier run's, which described the replaced LoRA, is gone), no JSON line;
+    the LoRA files are complete."""
+    out_dir, _, _ = trained("cpu")
+    seal = tmp_path / "seal"
+    shutil.copytree(out_dir / "checkpoint-3", seal / "checkpoint-3")
+    (seal / "result.json").write_text('{"success": true}')  # an earlier run's
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(quest, "render_validation_images", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        quest.main(["--model-id", str(tiny_model), "--dataset-dir", str(palette), "--output-dir", str(seal),
+                    *map(str, TINY_RUN[:-2]), "--train-prompt", "new captions", "--resume", "latest",
+                    "--validation-prompts", PROMPT, "--device", "cpu"])
+    for word in ("validation images could not be rendered", "out of memory", "result.json"):
+        assert word in message(exit_info)
+    out = capsys.readouterr().out
+    assert "note: the captions" in out and "resumed from" in out and '"success"' not in out
+    assert not (seal / "result.json").exists()
+    assert len(lora_weights(seal)) > 0 and (seal / KOHYA_FILE).is_file()
+
+
 @pytest.mark.slow
 def test_a_full_disk_keeps_the_old_lora_and_leaves_no_temp_file(trained, tiny_model, quest, tmp_path, monkeypatch):
     out_dir, _, _ = trained("cpu")
@@ -684,12 +816,9 @@ def test_a_full_disk_keeps_the_old_lora_and_leaves_no_temp_file(trained, tiny_mo
 def test_one_step_to_infinity_stops_naming_the_learning_rate_and_changes_no_earlier_output(trained, tiny_model,
                                                                                           palette, env, tmp_path):
     """lr 1e30 for one step: the loss (computed before the step) is finite, the weights after it are not usable. An
-    earlier good run's files, and a damaged old checkpoint folder a run without --resume must not trip over, stay
-    byte-identical."""
+    earlier good run's files stay byte-identical."""
     out_dir, _, _ = trained("cpu")
-    seal = shutil.copytree(out_dir, tmp_path / "seal", ignore=shutil.ignore_patterns("checkpoint-3", "validation*"))
-    marker = json.loads((seal / "checkpoint-4" / "checkpoint.json").read_text())
-    (seal / "checkpoint-4" / "checkpoint.json").write_text(json.dumps({**marker, "lora": ["not", "a", "dict"]}))
+    seal = shutil.copytree(out_dir, tmp_path / "seal", ignore=shutil.ignore_patterns("checkpoint-*", "validation*"))
     before = {path: path.read_bytes() for path in seal.rglob("*") if path.is_file()}
     proc = run_script(SCRIPT, "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", seal,
                       *TINY_RUN[:-6], "--max-train-steps", 1, "--learning-rate", 1e30, "--train-prompt", PROMPT,
@@ -730,7 +859,68 @@ def test_resume_latest_picks_the_newest_complete_checkpoint(trained, quest, tmp_
     shutil.copytree(out_dir / "checkpoint-4", tmp_path / ".checkpoint-9.tmp")  # a save cut off before its rename
     (tmp_path / "checkpoint-8").mkdir()  # half-written by an older version: no marker, no optimizer state
     shutil.copy(out_dir / "checkpoint-4" / "pytorch_lora_weights.safetensors", tmp_path / "checkpoint-8")
+    for name in ("checkpoint-\u00b2", "checkpoint-04"):  # str.isdigit takes '²', int() does not; '04' is no name of ours
+        shutil.copytree(out_dir / "checkpoint-4", tmp_path / name)
     assert quest.newest_intact_checkpoint(tmp_path) == (tmp_path / "checkpoint-3", [])
+    with pytest.raises(SystemExit) as exit_info:
+        quest.parse_args(["--resume", str(tmp_path / "checkpoint-\u00b2")])
+    assert "not named checkpoint-N" in message(exit_info)
+
+
+def test_a_fresh_run_into_another_runs_checkpoints_is_refused(quest, tmp_path):
+    """A run that does not continue the output folder's checkpoints refuses it: its own checkpoints would be rotated
+    away as older than the earlier run's, and a stop would name the earlier run's checkpoint to resume from."""
+    seal, namespace = tmp_path / "seal", quest.argparse.Namespace
+    (seal / "checkpoint-159").mkdir(parents=True)
+    (tmp_path / "other" / ".checkpoint-2.tmp").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:
+        quest.parse_args(["--output-dir", str(seal)])  # refused before anything loads
+    for word in ("checkpoint-159", "earlier run", "--resume latest", "another --output-dir"):
+        assert word in message(exit_info)
+    with pytest.raises(SystemExit):  # resuming another folder's checkpoint into it would mix the same way
+        quest.check_no_other_run(namespace(output_dir=str(seal), resume=str(tmp_path / "other" / "checkpoint-3")))
+    for resume in ("latest", str(seal / "checkpoint-159")):  # continuing that run is fine
+        quest.check_no_other_run(namespace(output_dir=str(seal), resume=resume))
+    quest.parse_args(["--output-dir", str(tmp_path / "other")])  # a temp folder alone is no checkpoint
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plant", ["pickle in random_states_0.pkl", "torch.save zip in random_states_0.pkl",
+                                   "torch.save zip in optimizer.bin"])
+def test_a_checkpoint_holding_pickled_code_is_refused_without_running_it(trained, palette, quest, tmp_path, plant):
+    """People pass checkpoint folders around to continue a training: no file in one may run code when read, neither
+    in the damage check nor in accelerate's load_state (which reads the same files the same way)."""
+    from accelerate.utils.other import load as accelerate_load
+    out_dir, _, _ = trained("cpu")
+    seal, marker = tmp_path / "seal", tmp_path / "code-ran"
+    for name in ("checkpoint-3", "checkpoint-4"):
+        shutil.copytree(out_dir / name, seal / name)
+    name = plant.split(" in ")[1]
+    payload = {"step": 4, "x": CreatesAFile(marker)}
+    if plant.startswith("pickle"):
+        (seal / "checkpoint-4" / name).write_bytes(pickle.dumps(payload, protocol=2))
+    else:
+        torch.save(payload, seal / "checkpoint-4" / name)
+    with pytest.raises(SystemExit) as exit_info:
+        quest.main(["--resume", "latest", "--output-dir", str(seal), "--dataset-dir", str(palette),
+                    "--model-id", "never-loaded", "--device", "cpu"])
+    text = message(exit_info)
+    for word in (str(seal / "checkpoint-4"), name, "could run code", f"--resume {seal / 'checkpoint-3'}"):
+        assert word in text
+    with pytest.raises(Exception):  # accelerate.load_state's reader refuses it as well
+        accelerate_load(seal / "checkpoint-4" / name)
+    assert not marker.exists(), "unpickling ran the planted code"
+    assert quest.what_was_kept(seal).startswith(f"the newest checkpoint is {seal / 'checkpoint-3'}")
+
+
+class CreatesAFile:
+    """What a hostile checkpoint would hold: unpickling it calls open(path, 'w'), creating the file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
 
 
 @pytest.mark.slow
@@ -794,6 +984,16 @@ def test_config_from_a_fifo_or_a_device_is_refused_without_reading(quest, tmp_pa
     (lambda folder: truncate(folder / "optimizer.bin"), ["optimizer.bin", "does not load"]),
     (lambda folder: truncate(folder / "random_states_0.pkl"), ["random_states_0.pkl", "does not load"]),
     (lambda folder: (folder / "loss_log.csv").write_text("step,loss\n1,x\n"), ["loss_log.csv"]),
+    # A FIFO would block the read forever: every file is checked to be a regular file before it is opened.
+    (lambda folder: ((folder / "optimizer.bin").unlink(), os.mkfifo(folder / "optimizer.bin")),
+     ["optimizer.bin", "not a regular file"]),
+    (lambda folder: ((folder / "loss_log.csv").unlink(), os.mkfifo(folder / "loss_log.csv")),
+     ["loss_log.csv", "not a regular file"]),
+    (lambda folder: (folder / "checkpoint.json").write_text("[" * 100_000 + "]" * 100_000),
+     ["checkpoint.json", "nested too deeply"]),
+    # Loadable, but no RNG states accelerate could set (it would skip them without a word).
+    (lambda folder: torch.save({"step": 4, "random_state": (3, (1, 2), None)}, folder / "random_states_0.pkl"),
+     ["random_states_0.pkl", "random-number states"]),
 ])
 def test_a_damaged_newest_checkpoint_is_named_with_the_intact_one_to_use(trained, quest, tmp_path, damage, words):
     out_dir, _, _ = trained("cpu")
