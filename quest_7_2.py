@@ -258,12 +258,14 @@ def read_json(text):
 def check_text(text, where):
     """Every text a user gives reaches the tokenizer, safetensors metadata or a JSON file, which take UTF-8 only. A
     non-UTF-8 byte from the shell or a file name (Python keeps it as a lone surrogate), or a JSON escape like
-    \\ud800, is refused here, before any model loads."""
+    \\ud800, is refused here, before any model loads; so is a NUL character."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
         fail(f"{where} is not valid UTF-8 text (character {err.start + 1} is {ascii(text[err.start])}, a byte that is "
              "not UTF-8 or half a surrogate pair); write it in UTF-8")
+    if "\0" in text:  # no path can hold one (os.stat raises ValueError), and no prompt means one
+        fail(f"{where} holds a NUL character (character {text.index(chr(0)) + 1}); remove it")
 
 
 def module_names(text):
@@ -635,6 +637,7 @@ def txt_caption(path, folder):
     if not lines:
         fail(f"caption file {path} is empty; write the image's caption in it, or delete it (the image then gets "
              "--train-prompt)")
+    check_text(lines[0], f"caption file {path}")
     return lines[0]
 
 

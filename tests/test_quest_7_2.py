@@ -506,6 +506,7 @@ def test_bad_config_is_one_clear_line(quest, config, words):
     (["--config", "settings\udce9.json"], ["--config", "not valid UTF-8"]),
     (["--config", '{"datasetDir": "bad \\ud800"}'], ["--dataset-dir", "not valid UTF-8"]),  # valid JSON, no UTF-8
     (["--output-dir", "seal\udce9"], ["--output-dir", "not valid UTF-8"]),
+    (["--config", '{"outputDir": "seal\\u0000"}'], ["--output-dir", "NUL"]),  # no path holds one: os.stat raises
 ])
 def test_bad_numbers_and_choices_stop_before_anything_loads(quest, flags, words):
     with pytest.raises(SystemExit) as exit_info:
