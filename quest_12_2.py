@@ -693,6 +693,15 @@ def load_checkpoint(path, device):
     return checkpoint
 
 
+def adam_state_fits(optimizer):
+    """Whether Adam's state read back from a checkpoint holds, for each weight, a step count and moments of that
+    weight's shape: load_state_dict takes anything, and a state that does not fit would crash the first step."""
+    return all(not state or (isinstance(state.get("step"), torch.Tensor) and state["step"].numel() == 1
+                             and all(isinstance(state.get(key), torch.Tensor) and state[key].shape == weight.shape
+                                     for key in ("exp_avg", "exp_avg_sq")))
+               for weight, state in optimizer.state.items())
+
+
 def checkpoint_bytes(model, ema, guide, guide_taken, optimizer, epoch, config):
     """Everything --resume and --sample-only need, the config that built the model included (nanoGPT's way)."""
     return torch_bytes({
@@ -760,6 +769,12 @@ def main(argv=None):
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
             fail(f"{args.checkpoint} does not match the SimpleUNet of its own config ({reason(err)}); "
                  "retrain or pass another --checkpoint")
+        if not all_finite([*model.state_dict().values(), *ema.model.state_dict().values()]):
+            fail(f"{args.checkpoint} holds weights that are not finite (NaN or inf: a run that diverged); retrain or "
+                 "pass another --checkpoint")
+        if args.resume and not adam_state_fits(optimizer):
+            fail(f"{args.checkpoint}'s optimizer state does not fit its SimpleUNet (moments of other shapes or no "
+                 "step count); retrain or pass another --checkpoint")
         if "guide" in checkpoint and not (args.sample_only and args.guidance == 1):  # needed to sample or to keep
             try:
                 guide.load_state_dict(checkpoint["guide"])

@@ -347,8 +347,10 @@ def load_teacher(path, dataset):
         what = "a student.pt" if kind == STUDENT_KIND else "not a teacher saved by this script"
         fail(f"--teacher {path} is {what}; {fix}")
     if record.get("architecture") != TeacherModel.ARCHITECTURE:
-        fail(f"--teacher {path} holds a {record.get('architecture')!r} network, not this script's "
+        fail(f"--teacher {path} holds a {record.get('architecture')!r:.60} network, not this script's "
              f"{TeacherModel.ARCHITECTURE!r}; {fix}")
+    if record.get("dataset") not in NORMALIZE:  # only a dataset this script knows is named back as a flag
+        fail(f"--teacher {path} is damaged (its dataset is {record.get('dataset')!r:.60}); {fix}")
     if record.get("dataset") != dataset:
         fail(f"--teacher {path} was trained on {record.get('dataset')!r}, not {dataset!r}; pass "
              f"--dataset {record.get('dataset')} or a teacher trained on {dataset}")

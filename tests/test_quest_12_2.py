@@ -302,6 +302,34 @@ def test_a_checkpoint_that_is_not_one_fails_in_one_line(quest, tiny_checkpoint, 
     assert not (tmp_path / "o").exists()
 
 
+def damage_weights(checkpoint):
+    checkpoint["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                         for k, v in checkpoint["ema"].items()}
+
+
+def damage_optimizer(checkpoint):
+    state = next(iter(checkpoint["optimizer"]["state"].values()))
+    state["exp_avg"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize("mode, damage, words", [("--sample-only", damage_weights, "weights that are not finite"),
+                                                 ("--resume", damage_optimizer, "optimizer state does not fit")])
+def test_weights_or_optimizer_state_that_cannot_be_used_fail_in_one_line_before_the_data(quest, tiny_checkpoint,
+                                                                                          tmp_path, mode, damage, words):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    torch.manual_seed(0)  # the tiny checkpoint's optimizer never stepped: give it a state, as after one epoch
+    model = quest.SimpleUNet(base_channels=8)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 1, 32, 32), torch.tensor([3])).mean().backward()
+    optimizer.step()
+    checkpoint["optimizer"] = optimizer.state_dict()
+    damage(checkpoint)
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    one_line_error(lambda: quest.main([mode, "--out-dir", str(tmp_path), "--data-dir", str(tmp_path / "no-data")]),
+                   "checkpoint.pt", words)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
 class RunsCode:
     """Unpickled with full pickle, this object runs os.mkdir(marker): a stand-in for any command a file could carry."""
 

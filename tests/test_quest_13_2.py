@@ -220,6 +220,9 @@ def damage(quest, kind, path):
     elif kind == "other-architecture":
         record["architecture"] = "resnet18"
         message = "resnet18"
+    elif kind == "dataset-two-lines":  # named back in the message: it must not break the one line
+        record["dataset"] = "mnist\nsecond line"
+        message = "damaged (its dataset is 'mnist\\nsecond line')"
     elif kind == "epochs-a-string":
         record["teacher_epochs"] = "5"
         message = "damaged"
@@ -234,7 +237,8 @@ def damage(quest, kind, path):
 
 
 @pytest.mark.parametrize("kind", ["fifo", "folder", "missing", "garbage", "truncated", "plain-state-dict", "student",
-                                  "other-dataset", "other-architecture", "epochs-a-string", "wrong-shapes",
+                                  "other-dataset", "dataset-two-lines", "other-architecture", "epochs-a-string",
+                                  "wrong-shapes",
                                   "nan-weights"])
 def test_a_bad_teacher_file_is_refused_in_one_line(kind, tmp_path, quest):
     path = tmp_path / "teacher.pt"
