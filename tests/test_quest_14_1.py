@@ -474,6 +474,15 @@ def test_divergence_stops_with_one_line_naming_the_flag_and_keeps_earlier_output
     assert "{" not in capsys.readouterr().out  # no JSON result line
 
 
+def test_a_failure_writing_the_model_leaves_no_json_line(quest, mnist_root, tmp_path, capsys):
+    """The JSON line comes after every file the run promises: here the INT8 model cannot take its name."""
+    (tmp_path / "out" / "mini_cnn_int8.pt" / "in-the-way").mkdir(parents=True)
+    message = one_line_error(lambda: quest.main(["--data-dir", str(mnist_root), "--device", "cpu", "--save-dir",
+                                                 str(tmp_path / "out"), *TINY]))
+    assert "could not write" in message and "mini_cnn_int8.pt" in message, message
+    assert "{" not in capsys.readouterr().out  # no JSON result line
+
+
 def _full_disk(monkeypatch, quest):
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
