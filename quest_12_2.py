@@ -1022,21 +1022,24 @@ def exit_interrupted(stop, what_was_kept):
 
 def read_idx(path, ndim):
     """One raw MNIST file as a uint8 tensor: a big-endian header (magic 0x0800 + ndim, then one 4-byte size per
-    dimension) and exactly that many bytes. Anything else is called corrupt, by name."""
+    dimension) and exactly that many bytes. Anything else is called corrupt, by name, before the body is read (a
+    huge file under that name never fills the memory)."""
+    header, fix = 4 * (ndim + 1), "delete it to download it again, or pass another --data-dir"
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            head, size = file.read(header), os.fstat(file.fileno()).st_size
+            if len(head) < header or int.from_bytes(head[:4], "big") != 0x800 + ndim:
+                fail(f"{path} is corrupt (no MNIST IDX header with {ndim} dimension(s)); {fix}")
+            dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+            if size != header + math.prod(dims):
+                fail(f"{path} is corrupt (its header promises {header + math.prod(dims)} bytes, it holds {size}: "
+                     f"truncated or padded); {fix}")
+            body = bytearray(file.read())
     except OSError as err:
         fail(f"could not read {path} ({err.strerror or err}); check the file or pass another --data-dir")
-    header, fix = 4 * (ndim + 1), "delete it to download it again, or pass another --data-dir"
-    if len(data) < header or int.from_bytes(data[:4], "big") != 0x800 + ndim:
-        fail(f"{path} is corrupt (no MNIST IDX header with {ndim} dimension(s)); {fix}")
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if len(data) != header + math.prod(dims):
-        fail(f"{path} is corrupt (its header promises {header + math.prod(dims)} bytes, it holds {len(data)}: "
-             f"truncated or padded); {fix}")
     if math.prod(dims) == 0:
         return torch.zeros(dims, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*dims)
+    return torch.frombuffer(body, dtype=torch.uint8).view(*dims)
 
 
 def load_mnist(name, data_dir, train):

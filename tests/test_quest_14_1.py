@@ -361,6 +361,14 @@ def test_corrupt_or_empty_mnist_files_end_in_one_line_naming_the_file(file, dama
     assert "act 1" not in capsys.readouterr().out
 
 
+def test_a_huge_file_under_a_data_files_name_is_refused_before_it_is_read(quest, tmp_path):
+    root = write_mnist_subset(tmp_path / "data", 64, 32)
+    images = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    os.truncate(images, 64 * 2 ** 30)  # 64 GB, sparse: read whole, it would fill the memory before any check
+    message = one_line_error(lambda: quest.load_mnist("mnist", root, train=False))
+    assert f"{images} is corrupt" in message and f"it holds {64 * 2 ** 30}" in message, message
+
+
 @pytest.mark.parametrize("kind", ["fifo", "folder"])
 def test_a_data_file_that_is_a_fifo_or_folder_ends_in_one_line_without_reading_it(kind, quest, tmp_path):
     root = write_mnist_subset(tmp_path / "data", 64, 32)
