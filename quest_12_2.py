@@ -62,6 +62,10 @@ CLASS_NAMES = {"mnist": [str(digit) for digit in range(10)],
 NO_CLASS = 10  # the class-embedding entry for "no class": the unconditional half of a --conditional model
 GIF_FRAMES = 24  # frames of reverse_process.gif (all steps when there are fewer)
 MAX_TIMESTEPS, MAX_WIDTH = 10_000, 1024  # beyond these a laptop runs out of memory or patience
+# The other counts' upper bounds, generous for real use: a training step at the default width holds about 12 MB
+# per image (fp32; 6.6 MB in bf16), so a batch of 4,096 already needs an 80 GB GPU; 100,000 samples are hours of
+# sampling on a CPU and a 10,000-pixel grid; warm-up steps and epochs cost no memory, only time.
+MAX_BATCH_SIZE, MAX_SAMPLES, MAX_EPOCHS, MAX_WARMUP_STEPS, MAX_CLASS_ROWS = 4096, 100_000, 100_000, 1_000_000, 100
 
 
 def channel_mult(text):
@@ -76,13 +80,17 @@ def channel_mult(text):
 
 
 def class_list(text):
-    """argparse type: classes to draw, '7', '0-9' or '3,5,8' (class indices 0-9, for any dataset)."""
+    """argparse type: classes to draw, '7', '0-9' or '3,5,8' (class indices 0-9, for any dataset; one grid row each,
+    at most MAX_CLASS_ROWS rows)."""
     classes = []
     for part in text.split(","):
         match = re.fullmatch(r"\s*(\d)\s*(?:-\s*(\d)\s*)?", part)
         if not match or (match[2] is not None and int(match[2]) < int(match[1])):
-            raise argparse.ArgumentTypeError(f"expected classes 0-9 like 7, 0-9 or 3,5,8, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected classes 0-9 like 7, 0-9 or 3,5,8, got {text!r:.80}")
         classes += range(int(match[1]), int(match[2] or match[1]) + 1)
+        if len(classes) > MAX_CLASS_ROWS:
+            raise argparse.ArgumentTypeError(f"expected at most {MAX_CLASS_ROWS} classes (one grid row each), got "
+                                             f"{text!r:.80}")
     return classes
 
 
@@ -105,18 +113,20 @@ class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
 def parse_args(argv=None):
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=DefaultsHelp)
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="torchvision dataset to learn")
-    p.add_argument("--data-dir", default="./data",
+    p.add_argument("--data-dir", type=utf8_path, default="./data",
                    help="dataset root; MNIST is downloaded here unless <data-dir>/MNIST/raw already holds it")
-    p.add_argument("--epochs", type=number(int, 1, 100_000), default=20, help="passes over the training set")
+    p.add_argument("--epochs", type=number(int, 1, MAX_EPOCHS), default=20, help="passes over the training set")
     p.add_argument("--time-budget", type=duration, default=None,
                    help="train for about this long instead of --epochs (e.g. 4m): the first steps are timed, then "
                         "the epochs and the lr schedule are fitted to the budget (default: off)")
-    p.add_argument("--batch-size", type=number(int, 1, 65_536), default=128, help="training images per step")
+    p.add_argument("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=128,
+                   help=f"training images per step (at most {MAX_BATCH_SIZE:,}: about 50 GB at the default width)")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=2e-3,
                    help="Adam learning rate, the peak of --lr-schedule cosine (the spec: 1e-3, constant)")
     p.add_argument("--lr-schedule", choices=["cosine", "constant"], default="cosine",
                    help="cosine: linear warm-up over --warmup-steps, then cosine decay to lr/10; constant: the spec")
-    p.add_argument("--warmup-steps", type=number(int, 0), default=100, help="steps of linear lr warm-up (0 = none)")
+    p.add_argument("--warmup-steps", type=number(int, 0, MAX_WARMUP_STEPS), default=100,
+                   help="steps of linear lr warm-up (0 = none)")
     p.add_argument("--timesteps", type=number(int, 2, MAX_TIMESTEPS), default=300, help="diffusion steps T")
     p.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default="linear-scaled",
                    help="linear-scaled: Ho et al.'s linear betas with end points scaled by 1000/T so that x_T is pure "
@@ -152,7 +162,7 @@ def parse_args(argv=None):
     p.add_argument("--cfg", type=number(float, 0, 100), default=1.5,
                    help="conditional checkpoints: classifier-free guidance weight W, eps_uncond + W * (eps_cond - "
                         "eps_uncond); 1 = plain conditional sampling, 0 = unconditional; more W: surer, less varied")
-    p.add_argument("--num-samples", type=number(int, 1, 100_000), default=64,
+    p.add_argument("--num-samples", type=number(int, 1, MAX_SAMPLES), default=64,
                    help="digits to generate (conditional: a multiple of the number of --digits; left unset, the "
                         "multiple at or below 64)")
     p.add_argument("--sampler", choices=SAMPLERS, default="dpm",
@@ -163,10 +173,13 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=number(float, 0, 1), default=1.0,
                    help="dpm and ddim: 0 = the deterministic solver; 1 = fresh noise at every step, as much as DDPM "
                         "adds (dpm: its SDE form, diffusers' sde-dpmsolver++)")
-    p.add_argument("--sample-batch-size", type=number(int, 1, 65_536), default=64,
+    p.add_argument("--sample-batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=64,
                    help="digits denoised per forward pass; more samples run in chunks (same images, less memory)")
-    p.add_argument("--out-dir", default="chaos_sculptures", help="where the grid, trajectory and checkpoint go")
-    p.add_argument("--checkpoint", default=None, help="checkpoint path (default: <out-dir>/checkpoint.pt)")
+    p.add_argument("--out-dir", type=utf8_path, default="chaos_sculptures",
+                   help="where the grid, trajectory and checkpoint go")
+    p.add_argument("--checkpoint", type=utf8_path, default=None,
+                   help="checkpoint path (default: <out-dir>/checkpoint.pt); a new training run will not write over "
+                        "an existing one (--resume continues it)")
     p.add_argument("--sample-only", action="store_true", help="skip training; sample from --checkpoint")
     p.add_argument("--resume", action="store_true", help="continue training from --checkpoint up to --epochs")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -207,6 +220,10 @@ def check_args(args):
         if args.checkpoint.is_dir():
             fail(f"--checkpoint {args.checkpoint} is a folder; pass a file path "
                  f"(e.g. {args.checkpoint / 'checkpoint.pt'})")
+        if not args.resume and os.path.lexists(args.checkpoint):  # a forgotten --resume must not wipe out days of work
+            fail(f"{args.checkpoint} already holds a checkpoint (an earlier run's training), which a new run would "
+                 "write over; pass --resume to continue it, or another --out-dir or --checkpoint (or delete it to "
+                 "start over)")
     return args
 
 
@@ -669,7 +686,20 @@ def load_checkpoint(path, device):
     for key in ("epoch", "ema_updates", *(("guide_epoch",) if "guide" in checkpoint else ())):
         if type(checkpoint.get(key)) is not int or checkpoint[key] < 0:
             fail(f"{path} has {key} = {checkpoint.get(key)!r:.40}, expected a whole number >= 0; {retrain}")
+    for key in ("epoch", *(("guide_epoch",) if "guide" in checkpoint else ())):
+        if checkpoint[key] > MAX_EPOCHS:
+            fail(f"{path} has {key} = {checkpoint[key]!r:.40}, more than the {MAX_EPOCHS:,} epochs a run may train; "
+                 f"{retrain}")
     return checkpoint
+
+
+def adam_state_fits(optimizer):
+    """Whether Adam's state read back from a checkpoint holds, for each weight, a step count and moments of that
+    weight's shape: load_state_dict takes anything, and a state that does not fit would crash the first step."""
+    return all(not state or (isinstance(state.get("step"), torch.Tensor) and state["step"].numel() == 1
+                             and all(isinstance(state.get(key), torch.Tensor) and state[key].shape == weight.shape
+                                     for key in ("exp_avg", "exp_avg_sq")))
+               for weight, state in optimizer.state.items())
 
 
 def checkpoint_bytes(model, ema, guide, guide_taken, optimizer, epoch, config):
@@ -701,6 +731,16 @@ def main(argv=None):
         if kept:
             print(f"note: {'--resume keeps' if args.resume else '--sample-only uses'} the checkpoint's "
                   f"{', '.join(kept)} (its weights were trained with them)", flush=True)
+    # flags for one kind of model only: refused for the other rather than ignored
+    model_kind = args.checkpoint if checkpoint else "this run"
+    for_conditional = [f"--{key.replace('_', '-')}" for key in ("digits", "cfg", "cond_drop")
+                       if key in args.set_by_user]
+    if for_conditional and not config["conditional"]:
+        fail(f"{', '.join(for_conditional)} {'needs' if len(for_conditional) == 1 else 'need'} a conditional model, "
+             f"and {model_kind} is not one; train with --conditional, or drop {', '.join(for_conditional)}")
+    if config["conditional"] and "guidance" in args.set_by_user:
+        fail(f"--guidance (autoguidance) is for unconditional models, and {model_kind} is conditional (guided by "
+             "--cfg); drop --guidance")
     schedule = NoiseSchedule(config["timesteps"], device, config["beta_schedule"])
     model = SimpleUNet(base_channels=config["base_channels"], attention=config["attention"],
                        channel_mult=tuple(config["channel_mult"]), num_classes=10 if config["conditional"] else 0,
@@ -708,9 +748,6 @@ def main(argv=None):
     # what to draw: one grid row per requested class (conditional), or --num-samples digits in a square grid
     class_names = CLASS_NAMES[config["dataset"]]
     digits = args.digits or list(range(10))
-    if args.digits and not config["conditional"]:
-        fail(f"--digits needs a conditional model, and {args.checkpoint if checkpoint else 'this run'} is not one; "
-             "train with --conditional, or drop --digits")
     whole_rows = len(digits) * max(1, args.num_samples // len(digits))  # conditional: the default 64 -> 60 for 0-9
     if config["conditional"] and "num_samples" not in args.set_by_user:
         args.num_samples = whole_rows
@@ -732,6 +769,12 @@ def main(argv=None):
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as err:
             fail(f"{args.checkpoint} does not match the SimpleUNet of its own config ({reason(err)}); "
                  "retrain or pass another --checkpoint")
+        if not all_finite([*model.state_dict().values(), *ema.model.state_dict().values()]):
+            fail(f"{args.checkpoint} holds weights that are not finite (NaN or inf: a run that diverged); retrain or "
+                 "pass another --checkpoint")
+        if args.resume and not adam_state_fits(optimizer):
+            fail(f"{args.checkpoint}'s optimizer state does not fit its SimpleUNet (moments of other shapes or no "
+                 "step count); retrain or pass another --checkpoint")
         if "guide" in checkpoint and not (args.sample_only and args.guidance == 1):  # needed to sample or to keep
             try:
                 guide.load_state_dict(checkpoint["guide"])
@@ -891,6 +934,17 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def utf8_path(text):
+    """argparse type of a path flag: text that is valid UTF-8. A name in another encoding (a Latin-1 byte typed in
+    the shell) arrives as a lone surrogate, which print and the JSON line cannot write: refused before any work."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{ascii(text)[:80]} is not valid UTF-8; rename it or pass a UTF-8 path") \
+            from None
+    return text
+
+
 def pick_device(name):
     """--device auto: CUDA, then Apple's MPS, then the CPU; a device asked for by name must be there."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
@@ -968,21 +1022,24 @@ def exit_interrupted(stop, what_was_kept):
 
 def read_idx(path, ndim):
     """One raw MNIST file as a uint8 tensor: a big-endian header (magic 0x0800 + ndim, then one 4-byte size per
-    dimension) and exactly that many bytes. Anything else is called corrupt, by name."""
+    dimension) and exactly that many bytes. Anything else is called corrupt, by name, before the body is read (a
+    huge file under that name never fills the memory)."""
+    header, fix = 4 * (ndim + 1), "delete it to download it again, or pass another --data-dir"
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            head, size = file.read(header), os.fstat(file.fileno()).st_size
+            if len(head) < header or int.from_bytes(head[:4], "big") != 0x800 + ndim:
+                fail(f"{path} is corrupt (no MNIST IDX header with {ndim} dimension(s)); {fix}")
+            dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+            if size != header + math.prod(dims):
+                fail(f"{path} is corrupt (its header promises {header + math.prod(dims)} bytes, it holds {size}: "
+                     f"truncated or padded); {fix}")
+            body = bytearray(file.read())
     except OSError as err:
         fail(f"could not read {path} ({err.strerror or err}); check the file or pass another --data-dir")
-    header, fix = 4 * (ndim + 1), "delete it to download it again, or pass another --data-dir"
-    if len(data) < header or int.from_bytes(data[:4], "big") != 0x800 + ndim:
-        fail(f"{path} is corrupt (no MNIST IDX header with {ndim} dimension(s)); {fix}")
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if len(data) != header + math.prod(dims):
-        fail(f"{path} is corrupt (its header promises {header + math.prod(dims)} bytes, it holds {len(data)}: "
-             f"truncated or padded); {fix}")
     if math.prod(dims) == 0:
         return torch.zeros(dims, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*dims)
+    return torch.frombuffer(body, dtype=torch.uint8).view(*dims)
 
 
 def load_mnist(name, data_dir, train):
@@ -992,6 +1049,9 @@ def load_mnist(name, data_dir, train):
     dataset_class = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
     raw, split = Path(data_dir) / dataset_class.__name__ / "raw", "train" if train else "t10k"
     image_file, label_file = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+    for path in (image_file, label_file):  # a folder, FIFO or device under a file's name: a download would hang on it
+        if os.path.exists(path) and not os.path.isfile(path):
+            fail(f"{path} is not a regular file (a folder, FIFO or device); remove it, or pass another --data-dir")
     if not (os.path.isfile(image_file) and os.path.isfile(label_file)):  # False, not an error, for too long a name
         try:  # torchvision fetches the four raw files into <data_dir>/<class>/raw
             dataset_class(root=data_dir, train=train, download=True)

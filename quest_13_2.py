@@ -70,26 +70,32 @@ DEFAULT_ALPHA = {"kd": 0.25, "cosine": 0.25, "hint": 0.75}  # the weight of the 
 TEACHER_KIND, STUDENT_KIND = "quest_13_2 teacher", "quest_13_2 student"  # what a saved file says it holds
 LATENCY_BATCH, LATENCY_REPEATS = 64, 10  # CPU speed: median over repeats of one batch of test digits
 LOG_EVERY = 20  # steps between loss read-backs for the progress bar (each one waits for the GPU)
+# Upper bounds of the counts, generous for real use and within a laptop's memory and patience: a teacher step holds
+# about 0.4 MB per image (FP32, CPU), so 8,192 images take ~3 GB; 10,000 epochs of full MNIST are days on a CPU.
+MAX_BATCH_SIZE, MAX_EPOCHS, MAX_WARMUP_STEPS = 8192, 10_000, 1_000_000
 
 
 def parse_args(argv=None):
     parser = OneLineParser(description="Knowledge distillation on MNIST: a big teacher trains a small student.",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--data-dir", default="./data",
+    parser.add_argument("--data-dir", type=utf8_path, default="./data",
                         help="dataset root (holds MNIST/raw or FashionMNIST/raw); downloaded there if missing")
     parser.add_argument("--dataset", default="mnist", choices=sorted(NORMALIZE), help="which digits (or clothes)")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                         help="where to train; auto = CUDA, then Apple MPS, then CPU")
     parser.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                         help="seed for weights and batch order, 0 to 2^32-1")
-    parser.add_argument("--teacher", type=Path, default=None,
+    parser.add_argument("--teacher", type=utf8_path, default=None,
                         help="a teacher.pt written by an earlier --save-dir: skip teacher training and distil from it")
-    parser.add_argument("--teacher-epochs", type=number(int, 1), default=1, help="epochs of teacher training")
-    parser.add_argument("--epochs", type=number(int, 1), default=1, help="epochs of each student (distilled and baseline)")
-    parser.add_argument("--batch-size", type=number(int, 1), default=64, help="batch size for every model")
+    parser.add_argument("--teacher-epochs", type=number(int, 1, MAX_EPOCHS), default=1,
+                        help="epochs of teacher training")
+    parser.add_argument("--epochs", type=number(int, 1, MAX_EPOCHS), default=1,
+                        help="epochs of each student (distilled and baseline)")
+    parser.add_argument("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=64,
+                        help=f"batch size for every model (at most {MAX_BATCH_SIZE:,}: about 3 GB of activations)")
     parser.add_argument("--lr", type=number(float, 0, 1e30, low_open=True), default=0.01,
                         help="Adam (peak) learning rate for every model (at most 1e30: Adam steps in float32)")
-    parser.add_argument("--warmup-steps", type=number(int, 0), default=30,
+    parser.add_argument("--warmup-steps", type=number(int, 0, MAX_WARMUP_STEPS), default=30,
                         help="steps over which the learning rate ramps up to --lr (0: none)")
     parser.add_argument("--lr-schedule", default="cosine", choices=["cosine", "constant"],
                         help="after warm-up: cosine decay to 0 over the run, or constant (--lr-schedule constant "
@@ -106,10 +112,12 @@ def parse_args(argv=None):
     parser.add_argument("--compare", action="store_true",
                         help="train every --method and the baseline from the same initial weights and batches; one table")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline student (faster, no gain figure)")
-    parser.add_argument("--save-dir", type=Path, default=None,
+    parser.add_argument("--save-dir", type=utf8_path, default=None,
                         help="save teacher.pt and student.pt here (reuse the teacher with --teacher); nothing is "
                              "written without it")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.teacher, args.save_dir = (None if path is None else Path(path) for path in (args.teacher, args.save_dir))
+    return args
 
 
 def check_args(args):
@@ -339,8 +347,10 @@ def load_teacher(path, dataset):
         what = "a student.pt" if kind == STUDENT_KIND else "not a teacher saved by this script"
         fail(f"--teacher {path} is {what}; {fix}")
     if record.get("architecture") != TeacherModel.ARCHITECTURE:
-        fail(f"--teacher {path} holds a {record.get('architecture')!r} network, not this script's "
+        fail(f"--teacher {path} holds a {record.get('architecture')!r:.60} network, not this script's "
              f"{TeacherModel.ARCHITECTURE!r}; {fix}")
+    if record.get("dataset") not in NORMALIZE:  # only a dataset this script knows is named back as a flag
+        fail(f"--teacher {path} is damaged (its dataset is {record.get('dataset')!r:.60}); {fix}")
     if record.get("dataset") != dataset:
         fail(f"--teacher {path} was trained on {record.get('dataset')!r}, not {dataset!r}; pass "
              f"--dataset {record.get('dataset')} or a teacher trained on {dataset}")
@@ -487,6 +497,17 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def utf8_path(text):
+    """argparse type of a path flag: text that is valid UTF-8. A name in another encoding (a Latin-1 byte typed in
+    the shell) arrives as a lone surrogate, which print and the JSON line cannot write: refused before any work."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{ascii(text)[:80]} is not valid UTF-8; rename it or pass a UTF-8 path") \
+            from None
+    return text
+
+
 def pick_device(name):
     """--device auto: CUDA, then Apple's MPS, then the CPU; a device asked for by name must be there."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
@@ -564,21 +585,24 @@ def exit_interrupted(stop, what_was_kept):
 
 def read_idx(path, ndim):
     """One raw MNIST file as a uint8 tensor: a big-endian header (magic 0x0800 + ndim, then one 4-byte size per
-    dimension) and exactly that many bytes. Anything else is called corrupt, by name."""
+    dimension) and exactly that many bytes. Anything else is called corrupt, by name, before the body is read (a
+    huge file under that name never fills the memory)."""
+    header, fix = 4 * (ndim + 1), "delete it to download it again, or pass another --data-dir"
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            head, size = file.read(header), os.fstat(file.fileno()).st_size
+            if len(head) < header or int.from_bytes(head[:4], "big") != 0x800 + ndim:
+                fail(f"{path} is corrupt (no MNIST IDX header with {ndim} dimension(s)); {fix}")
+            dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+            if size != header + math.prod(dims):
+                fail(f"{path} is corrupt (its header promises {header + math.prod(dims)} bytes, it holds {size}: "
+                     f"truncated or padded); {fix}")
+            body = bytearray(file.read())
     except OSError as err:
         fail(f"could not read {path} ({err.strerror or err}); check the file or pass another --data-dir")
-    header, fix = 4 * (ndim + 1), "delete it to download it again, or pass another --data-dir"
-    if len(data) < header or int.from_bytes(data[:4], "big") != 0x800 + ndim:
-        fail(f"{path} is corrupt (no MNIST IDX header with {ndim} dimension(s)); {fix}")
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if len(data) != header + math.prod(dims):
-        fail(f"{path} is corrupt (its header promises {header + math.prod(dims)} bytes, it holds {len(data)}: "
-             f"truncated or padded); {fix}")
     if math.prod(dims) == 0:
         return torch.zeros(dims, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*dims)
+    return torch.frombuffer(body, dtype=torch.uint8).view(*dims)
 
 
 def load_mnist(name, data_dir, train):
@@ -588,6 +612,9 @@ def load_mnist(name, data_dir, train):
     dataset_class = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
     raw, split = Path(data_dir) / dataset_class.__name__ / "raw", "train" if train else "t10k"
     image_file, label_file = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+    for path in (image_file, label_file):  # a folder, FIFO or device under a file's name: a download would hang on it
+        if os.path.exists(path) and not os.path.isfile(path):
+            fail(f"{path} is not a regular file (a folder, FIFO or device); remove it, or pass another --data-dir")
     if not (os.path.isfile(image_file) and os.path.isfile(label_file)):  # False, not an error, for too long a name
         try:  # torchvision fetches the four raw files into <data_dir>/<class>/raw
             dataset_class(root=data_dir, train=train, download=True)

@@ -89,6 +89,10 @@ CONV1_CHANNELS, CONV2_CHANNELS = 16, 128
 LAYER_OUTPUTS = {"conv1": "relu1", "conv2": "relu2", "fc1": "fc1"}
 LATENCY_BATCH_SIZES = (1, 256)
 ACCURACY_BATCH = 1000
+# Upper bounds of the counts, generous for real use and still within a laptop's memory and an evening: a training
+# step holds about 0.4 MB per image (FP32, CPU), so 8,192 images take ~3 GB; the training and QAT batches are drawn
+# one at a time (a million steps: hours, flat memory); the calibration batches are kept for the per-layer SQNR.
+MAX_BATCH_SIZE, MAX_STEPS, MAX_CALIB_BATCHES, MAX_LATENCY_SECONDS = 8192, 1_000_000, 1000, 600
 # torch 2.14 deprecates torch.ao.quantization (successor: torchao) and TorchScript. Both still work,
 # so these known warnings are hidden and main() says so in one line instead of burying the result.
 KNOWN_WARNINGS = (
@@ -108,7 +112,8 @@ def parse_args(argv=None):
     p = OneLineParser(description="Train a small MNIST CNN, quantize it to INT8 (static: post-training or "
                       "quantization-aware), compare size, accuracy, CPU latency and each layer's error.",
                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--data-dir", default="./data", metavar="DIR", help="root that holds (or will receive) MNIST/raw")
+    p.add_argument("--data-dir", type=utf8_path, default="./data", metavar="DIR",
+                   help="root that holds (or will receive) MNIST/raw")
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "mps", "cpu"),
                    help="where the FP32 model trains (auto: CUDA, then Apple MPS, then CPU); "
                    "the INT8 model always runs on CPU")
@@ -125,25 +130,28 @@ def parse_args(argv=None):
                    "per-tensor) (None: histogram)")
     p.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                    help="0 to 2^32-1; seeds init, batch order and calibration batches")
-    p.add_argument("--batch-size", type=number(int, 1), default=64, metavar="N",
-                   help="for training, calibration and QAT")
+    p.add_argument("--batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=64, metavar="N",
+                   help=f"for training, calibration and QAT; at most {MAX_BATCH_SIZE:,} (about 3 GB of activations)")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-3, help="Adam learning rate (FP32)")
-    p.add_argument("--train-batches", type=number(int, 1), default=100, metavar="N", help="FP32 training steps")
-    p.add_argument("--calib-batches", type=number(int, 1), default=10, metavar="N",
+    p.add_argument("--train-batches", type=number(int, 1, MAX_STEPS), default=100, metavar="N",
+                   help="FP32 training steps")
+    p.add_argument("--calib-batches", type=number(int, 1, MAX_CALIB_BATCHES), default=10, metavar="N",
                    help="training batches the observers see (eager, pt2e); every flow's per-layer SQNR is "
-                   "measured on them")
-    p.add_argument("--qat-batches", type=number(int, 2), default=40, metavar="N",
+                   "measured on them (they are kept in memory for it)")
+    p.add_argument("--qat-batches", type=number(int, 2, MAX_STEPS), default=40, metavar="N",
                    help="qat, pt2e-qat: fine-tuning steps with fake quantization; observers frozen for the second half")
     p.add_argument("--qat-lr", type=number(float, 0, low_open=True), default=1e-4,
                    help="qat, pt2e-qat: Adam learning rate of the fine-tuning (a tenth of --lr: the weights adapt)")
     p.add_argument("--no-compile", action="store_true",
                    help="pt2e flows: run the converted model as it is, without torch.compile (no compile wait, "
                    "but its quantize/dequantize ops then run in float math, slower than FP32)")
-    p.add_argument("--latency-seconds", type=number(float, 0), default=0.5, metavar="S",
+    p.add_argument("--latency-seconds", type=number(float, 0, MAX_LATENCY_SECONDS), default=0.5, metavar="S",
                    help="timing budget per model and batch size (at least 3 runs; the median is reported)")
-    p.add_argument("--work-dir", metavar="DIR", help="existing folder for the temporary .pth files (a private "
+    p.add_argument("--work-dir", type=utf8_path, metavar="DIR",
+                   help="existing folder for the temporary .pth files (a private "
                    "subfolder is made there and removed); None: the system temp folder")
-    p.add_argument("--save-dir", metavar="DIR", help="also keep the INT8 model here (eager, qat: TorchScript "
+    p.add_argument("--save-dir", type=utf8_path, metavar="DIR",
+                   help="also keep the INT8 model here (eager, qat: TorchScript "
                    "mini_cnn_int8.pt; pt2e flows: torch.export program mini_cnn_int8_pt2e.pt2); None: keep nothing")
     return p.parse_args(argv)
 
@@ -334,27 +342,29 @@ def quantize_eager(trained, x, batches, engine, observer):
     return convert(model, inplace=True)  # Act 4: float modules -> quantized modules
 
 
-def quantize_qat(trained, x, y, batches, engine, lr):
+def quantize_qat(trained, x, y, batches, steps, engine, lr):
     """QAT flow: fake-quantize a CPU copy of `trained` (prepare_qat, the engine's QAT qconfig), fine-tune it on
-    `batches` so the weights adapt to int8 rounding, observers frozen for the second half (the ranges settle,
+    `steps` of `batches` so the weights adapt to int8 rounding, observers frozen for the second half (the ranges settle,
     as in PyTorch's static quantization tutorial; MiniCNN has no BatchNorm to freeze), then convert.
     Returns (the INT8 model, the fine-tuned weights in a plain FP32 MiniCNN: the reference of its layer SQNR)."""
     torch.backends.quantized.engine = engine
     model = cpu_copy(trained).train().fuse(qat=True)
     model.qconfig = get_default_qat_qconfig(engine)
     prepare_qat(model, inplace=True)  # Act 2: fake-quant modules: forward rounds like int8, backward passes through
-    fine_tuned = fine_tune(model, x, y, batches, lr, disable_observer)  # Act 3
+    fine_tuned = fine_tune(model, x, y, batches, steps, lr, disable_observer)  # Act 3
     return convert(model.eval(), inplace=True), fine_tuned  # Act 4
 
 
-def fine_tune(model, x, y, batches, lr, disable_observer):
-    """QAT's Act 3 on the CPU: train the fake-quantized model, observers on for the first half of the batches and
-    frozen (scales and zero points fixed) for the second. Returns its weights in a plain FP32 MiniCNN."""
-    batches = list(batches)
-    half = len(batches) // 2
-    train(model, x, y, batches[:half], lr, torch.device("cpu"), "QAT fine-tuning (observers on)", "--qat-lr")
+def fine_tune(model, x, y, batches, steps, lr, disable_observer):
+    """QAT's Act 3 on the CPU: train the fake-quantized model for `steps` of `batches`, observers on for the first
+    half and frozen (scales and zero points fixed) for the second. The batches are drawn as they are trained on,
+    never listed up front (a million steps would be a million tensors). Returns its weights in a plain FP32 MiniCNN."""
+    batches = iter(batches)
+    train(model, x, y, itertools.islice(batches, steps // 2), lr, torch.device("cpu"),
+          "QAT fine-tuning (observers on)", "--qat-lr")
     model.apply(disable_observer)
-    train(model, x, y, batches[half:], lr, torch.device("cpu"), "QAT fine-tuning (observers frozen)", "--qat-lr")
+    train(model, x, y, itertools.islice(batches, steps - steps // 2), lr, torch.device("cpu"),
+          "QAT fine-tuning (observers frozen)", "--qat-lr")
     fine_tuned = MiniCNN().eval()  # same parameter names in the eager QAT model and in the exported graph
     wanted = fine_tuned.state_dict().keys()
     fine_tuned.load_state_dict({k: v for k, v in model.state_dict().items() if k in wanted})
@@ -382,14 +392,14 @@ def quantize_pt2e(trained, x, batches, quantizer_name):
     return drop_unused_attributes(converted)
 
 
-def quantize_pt2e_qat(trained, x, y, batches, quantizer_name, lr):
+def quantize_pt2e_qat(trained, x, y, batches, steps, quantizer_name, lr):
     """pt2e-qat flow: torch.export, prepare_qat_pt2e (fake quantization in the graph), the qat flow's fine-tuning,
     convert_pt2e. Returns (the converted GraphModule, the fine-tuned weights in a plain FP32 MiniCNN)."""
     pt2e = import_pt2e()
     exported = export_fp32(cpu_copy(trained), x[:2]).module()  # MiniCNN has no dropout/BN: one graph for both modes
     prepared = pt2e.prepare_qat_pt2e(exported, pt2e.quantizers[quantizer_name](True))  # Act 2
     pt2e.allow_exported_model_train_eval(prepared)  # .train()/.eval() on the exported graph, which refuses them
-    fine_tuned = fine_tune(prepared, x, y, batches, lr, pt2e.disable_observer)  # Act 3
+    fine_tuned = fine_tune(prepared, x, y, batches, steps, lr, pt2e.disable_observer)  # Act 3
     prepared.eval()  # (the patched .eval() returns None)
     converted = pt2e.convert_pt2e(prepared)  # Act 4
     return drop_unused_attributes(converted), fine_tuned
@@ -430,13 +440,29 @@ def state_dict_sizes_kb(models, work_dir=None):
     """Save each {file name: model}'s state_dict in a fresh temp folder, return {file name: KB}.
 
     The folder (and every file in it) is removed in a finally, so nothing is left behind even when saving fails.
+    These files are measured and deleted, never kept, so they are written directly (no atomic rename); a full
+    disk names the flag that moves them: --work-dir.
     """
-    tmp = tempfile.mkdtemp(prefix="quest_14_1-", dir=work_dir)
+    where = f"--work-dir {work_dir}" if work_dir is not None else f"the system temp folder {tempfile.gettempdir()}"
+    fix = "pass another --work-dir" if work_dir is not None else "pass --work-dir DIR on a disk with room"
+
+    def could_not(what, err):
+        reason = "the disk is full" if err.errno == errno.ENOSPC else (err.strerror or str(err))
+        fail(f"could not {what} in {where} ({reason}); free some space or {fix}")
+    try:
+        tmp = tempfile.mkdtemp(prefix="quest_14_1-", dir=work_dir)
+    except OSError as err:
+        could_not("create the temporary folder", err)
     try:
         sizes = {}
         for name, model in models.items():
             path = os.path.join(tmp, name)
-            write_atomically(path, torch_bytes(model.state_dict()))
+            data = torch_bytes(model.state_dict())
+            try:
+                with open(path, "wb") as file:
+                    file.write(data)
+            except OSError as err:
+                could_not(f"write the temporary {name}", err)
             sizes[name] = os.path.getsize(path) / 1024
         return sizes
     finally:
@@ -613,11 +639,11 @@ def main(argv=None):
         int8 = quantize_eager(fp32, cpu_x, calib, engine, args.observer)
         how = f"post-training, {args.observer} observers, calibrated on {args.calib_batches} batches"
     elif args.flow in ("qat", "pt2e-qat"):
-        qat_batches = [idx.cpu() for idx in itertools.islice(batches, args.qat_batches)]
+        qat_batches = (idx.cpu() for idx in batches)  # drawn one at a time as fine-tuning takes them
         print(f"quantization-aware fine-tuning: {args.qat_batches} batches with fake-quantized weights and "
               "activations", flush=True)
         quantize = quantize_qat if args.flow == "qat" else quantize_pt2e_qat
-        int8, reference = quantize(fp32, cpu_x, cpu_y, qat_batches, engine, args.qat_lr)
+        int8, reference = quantize(fp32, cpu_x, cpu_y, qat_batches, args.qat_batches, engine, args.qat_lr)
         how = "fine-tuned with fake quantization (observers frozen for the second half)"
     else:
         int8 = quantize_pt2e(fp32, cpu_x, calib, engine)
@@ -697,6 +723,17 @@ def number(kind, low=None, high=None, low_open=False, high_open=False):
     return parse
 
 
+def utf8_path(text):
+    """argparse type of a path flag: text that is valid UTF-8. A name in another encoding (a Latin-1 byte typed in
+    the shell) arrives as a lone surrogate, which print and the JSON line cannot write: refused before any work."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"{ascii(text)[:80]} is not valid UTF-8; rename it or pass a UTF-8 path") \
+            from None
+    return text
+
+
 def pick_device(name):
     """--device auto: CUDA, then Apple's MPS, then the CPU; a device asked for by name must be there."""
     available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
@@ -774,21 +811,24 @@ def exit_interrupted(stop, what_was_kept):
 
 def read_idx(path, ndim):
     """One raw MNIST file as a uint8 tensor: a big-endian header (magic 0x0800 + ndim, then one 4-byte size per
-    dimension) and exactly that many bytes. Anything else is called corrupt, by name."""
+    dimension) and exactly that many bytes. Anything else is called corrupt, by name, before the body is read (a
+    huge file under that name never fills the memory)."""
+    header, fix = 4 * (ndim + 1), "delete it to download it again, or pass another --data-dir"
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            head, size = file.read(header), os.fstat(file.fileno()).st_size
+            if len(head) < header or int.from_bytes(head[:4], "big") != 0x800 + ndim:
+                fail(f"{path} is corrupt (no MNIST IDX header with {ndim} dimension(s)); {fix}")
+            dims = [int.from_bytes(head[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+            if size != header + math.prod(dims):
+                fail(f"{path} is corrupt (its header promises {header + math.prod(dims)} bytes, it holds {size}: "
+                     f"truncated or padded); {fix}")
+            body = bytearray(file.read())
     except OSError as err:
         fail(f"could not read {path} ({err.strerror or err}); check the file or pass another --data-dir")
-    header, fix = 4 * (ndim + 1), "delete it to download it again, or pass another --data-dir"
-    if len(data) < header or int.from_bytes(data[:4], "big") != 0x800 + ndim:
-        fail(f"{path} is corrupt (no MNIST IDX header with {ndim} dimension(s)); {fix}")
-    dims = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
-    if len(data) != header + math.prod(dims):
-        fail(f"{path} is corrupt (its header promises {header + math.prod(dims)} bytes, it holds {len(data)}: "
-             f"truncated or padded); {fix}")
     if math.prod(dims) == 0:
         return torch.zeros(dims, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8, offset=header).view(*dims)
+    return torch.frombuffer(body, dtype=torch.uint8).view(*dims)
 
 
 def load_mnist(name, data_dir, train):
@@ -798,6 +838,9 @@ def load_mnist(name, data_dir, train):
     dataset_class = {"mnist": torchvision.datasets.MNIST, "fashion-mnist": torchvision.datasets.FashionMNIST}[name]
     raw, split = Path(data_dir) / dataset_class.__name__ / "raw", "train" if train else "t10k"
     image_file, label_file = raw / f"{split}-images-idx3-ubyte", raw / f"{split}-labels-idx1-ubyte"
+    for path in (image_file, label_file):  # a folder, FIFO or device under a file's name: a download would hang on it
+        if os.path.exists(path) and not os.path.isfile(path):
+            fail(f"{path} is not a regular file (a folder, FIFO or device); remove it, or pass another --data-dir")
     if not (os.path.isfile(image_file) and os.path.isfile(label_file)):  # False, not an error, for too long a name
         try:  # torchvision fetches the four raw files into <data_dir>/<class>/raw
             dataset_class(root=data_dir, train=train, download=True)

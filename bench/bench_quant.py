@@ -116,7 +116,8 @@ def main():
             model = quest.cpu_copy(fp32).train().fuse(qat=True)
             model.qconfig = qconfig
             torch.ao.quantization.prepare_qat(model, inplace=True)
-            quest.fine_tune(model, x, y, qat_batches, defaults.qat_lr, torch.ao.quantization.disable_observer)
+            quest.fine_tune(model, x, y, qat_batches, len(qat_batches), defaults.qat_lr,
+                            torch.ao.quantization.disable_observer)
             return torch.ao.quantization.convert(model.eval(), inplace=True)
 
         def ptq_with(model, qconfig):
@@ -132,10 +133,11 @@ def main():
         build = {
             "minmax": lambda: quest.quantize_eager(fp32, x, calib, engine, "minmax"),
             "histogram": lambda: quest.quantize_eager(fp32, x, calib, engine, "histogram"),
-            "qat": lambda: quest.quantize_qat(fp32, x, y, qat_batches, engine, defaults.qat_lr)[0],
+            "qat": lambda: quest.quantize_qat(fp32, x, y, qat_batches, len(qat_batches), engine, defaults.qat_lr)[0],
             "ft-control": lambda: quest.quantize_eager(fine_tuned_fp32(), x, calib, engine, "histogram"),
             "pt2e": lambda: quest.quantize_pt2e(fp32, x, calib, "x86_inductor"),
-            "pt2e-qat": lambda: quest.quantize_pt2e_qat(fp32, x, y, qat_batches, "x86_inductor", defaults.qat_lr)[0],
+            "pt2e-qat": lambda: quest.quantize_pt2e_qat(fp32, x, y, qat_batches, len(qat_batches), "x86_inductor",
+                                                         defaults.qat_lr)[0],
         }
         for bits, (ptq, qat) in low_bit.items():
             build[f"w{bits}-ptq"] = lambda ptq=ptq: ptq_with(fp32, ptq)

@@ -1,6 +1,7 @@
 """One voice across the scripts: the small helpers each script repeats (docs/contributing.md) must not drift
 apart, every script speaks through them, and they stand where a learner expects plumbing: after the quest."""
 import ast
+import functools
 import re
 
 import pytest
@@ -12,7 +13,8 @@ MNIST_SCRIPTS = ["quest_12_2.py", "quest_13_2.py", "quest_14_1.py"]
 # Every script has these; the helpers that can change results (data loading, the lr schedule) are shared too.
 PLUMBING = ["fail", "OneLineParser", "number", "pick_device", "check_output_dir", "write_atomically", "all_finite",
             "exit_interrupted"]
-SHARED_HELPERS = [*PLUMBING, "raise_interrupt", "torch_bytes", "read_idx", "load_mnist", "warmup_cosine"]
+SHARED_HELPERS = [*PLUMBING, "raise_interrupt", "torch_bytes", "read_idx", "load_mnist", "warmup_cosine",
+                  "utf8_path"]
 SIGNALS_HELD = '''    if hasattr(signal, "pthread_sigmask"):  # held until the imports end: one landing inside numpy's C import breaks it
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})'''
 START_GUARD = '''    if hasattr(signal, "pthread_sigmask"):  # a signal held meanwhile is raised here, inside this guard
@@ -22,6 +24,7 @@ except KeyboardInterrupt as stop:
     sys.exit(128 + (stop.args[0] if stop.args else signal.SIGINT))'''
 
 
+@functools.lru_cache(maxsize=None)  # parsed once per file, not once per helper: seconds saved
 def top_level_definitions(script):
     """name -> (source text, first line) of each top-level function and class."""
     source = (REPO / script).read_text()

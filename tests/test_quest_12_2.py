@@ -1,6 +1,7 @@
 """quest_12_2.py (DDPM on MNIST): its parts in-process (flags, samplers, checkpoint checks; the fast tier), tiny real
 runs on a few hundred real digits, and real faults (signals, damaged files) in a subprocess (`slow`)."""
 import json
+import os
 import shutil
 import signal
 
@@ -57,7 +58,14 @@ def grid_size(n_images, nrow, image=32, padding=2):
     (["--channel-mult", "1,0,2"], ["--channel-mult", "three whole numbers"]),
     (["--epochs", "0"], ["--epochs", "[1, 100000]"]),
     (["--snr-gamma", "inf"], ["--snr-gamma", "finite"]),
-    (["--warmup-steps", "-1"], ["--warmup-steps", ">= 0"]),
+    (["--warmup-steps", "-1"], ["--warmup-steps", "[0, 1000000]"]),
+    (["--warmup-steps", "1000001"], ["--warmup-steps", "[0, 1000000]"]),
+    (["--batch-size", "4097"], ["--batch-size", "[1, 4096]"]),
+    (["--sample-batch-size", "65536"], ["--sample-batch-size", "[1, 4096]"]),
+    (["--num-samples", "100001"], ["--num-samples", "[1, 100000]"]),
+    (["--digits", "0-9," * 10 + "7"], ["--digits", "at most 100 classes"]),
+    (["--out-dir", "caf\udce9"], ["--out-dir", "'caf\\udce9' is not valid UTF-8"]),  # a Latin-1 byte from the shell
+    (["--checkpoint", "caf\udce9.pt"], ["--checkpoint", "not valid UTF-8"]),
     (["--timesteps", "1"], ["--timesteps", "[2, 10000]"]),
     (["--seed", "-1"], ["--seed", "[0, 4294967295]"]),
     (["--seed", str(2 ** 64)], ["--seed", "[0, 4294967295]"]),
@@ -265,6 +273,7 @@ def test_a_first_release_checkpoint_loads_as_an_unconditional_unet_on_pixels(que
     (lambda c: c.update(config=[1, 2]), ["no config"]),
     (lambda c: c.update(epoch="three"), ["epoch = 'three'", "whole number"]),
     (lambda c: c.update(epoch=-1), ["epoch = -1"]),
+    (lambda c: c.update(epoch=10 ** 12), ["epoch = 1000000000000", "more than the 100,000 epochs"]),
     (lambda c: c.pop("guide_epoch"), ["guide_epoch = None"]),
     (lambda c: c.pop("optimizer"), ["not a quest_12_2 checkpoint"]),
 ])
@@ -291,6 +300,76 @@ def test_a_checkpoint_that_is_not_one_fails_in_one_line(quest, tiny_checkpoint, 
     one_line_error(lambda: quest.main(["--sample-only", "--checkpoint", str(path), "--out-dir", str(tmp_path / "o")]),
                    *words)
     assert not (tmp_path / "o").exists()
+
+
+def damage_weights(checkpoint):
+    checkpoint["ema"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                         for k, v in checkpoint["ema"].items()}
+
+
+def damage_optimizer(checkpoint):
+    state = next(iter(checkpoint["optimizer"]["state"].values()))
+    state["exp_avg"] = torch.zeros(3)
+
+
+@pytest.mark.parametrize("mode, damage, words", [("--sample-only", damage_weights, "weights that are not finite"),
+                                                 ("--resume", damage_optimizer, "optimizer state does not fit")])
+def test_weights_or_optimizer_state_that_cannot_be_used_fail_in_one_line_before_the_data(quest, tiny_checkpoint,
+                                                                                          tmp_path, mode, damage, words):
+    checkpoint = torch.load(tiny_checkpoint, weights_only=True)
+    torch.manual_seed(0)  # the tiny checkpoint's optimizer never stepped: give it a state, as after one epoch
+    model = quest.SimpleUNet(base_channels=8)
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.randn(1, 1, 32, 32), torch.tensor([3])).mean().backward()
+    optimizer.step()
+    checkpoint["optimizer"] = optimizer.state_dict()
+    damage(checkpoint)
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    one_line_error(lambda: quest.main([mode, "--out-dir", str(tmp_path), "--data-dir", str(tmp_path / "no-data")]),
+                   "checkpoint.pt", words)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+class RunsCode:
+    """Unpickled with full pickle, this object runs os.mkdir(marker): a stand-in for any command a file could carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("mode", ["--sample-only", "--resume"])
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_and_runs_nothing(quest, tiny_checkpoint, tmp_path, mode):
+    checkpoint, marker = torch.load(tiny_checkpoint, weights_only=True), tmp_path / "code-ran"
+    checkpoint["config"]["note"] = RunsCode(marker)
+    torch.save(checkpoint, tmp_path / "checkpoint.pt")
+    one_line_error(lambda: quest.main([mode, "--out-dir", str(tmp_path), "--data-dir", str(tmp_path / "no-data")]),
+                   "checkpoint.pt", "not a readable quest_12_2 checkpoint")
+    assert not marker.exists() and sorted(path.name for path in tmp_path.iterdir()) == ["checkpoint.pt"]
+    torch.load(tmp_path / "checkpoint.pt", weights_only=False)  # the payload is real: full unpickling runs it
+    assert marker.exists()
+
+
+def test_a_new_run_does_not_write_over_an_earlier_runs_checkpoint(quest, tiny_checkpoint, tmp_path):
+    shutil.copy(tiny_checkpoint, tmp_path / "checkpoint.pt")
+    for flags in ([], ["--time-budget", "4m"], ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--out-dir", "x"]):
+        one_line_error(lambda: quest.check_args(quest.parse_args(["--out-dir", str(tmp_path), *flags])),
+                       f"{tmp_path / 'checkpoint.pt'} already holds a checkpoint", "--resume", "another --out-dir")
+    assert (tmp_path / "checkpoint.pt").read_bytes() == tiny_checkpoint.read_bytes()
+    for flags in (["--resume"], ["--sample-only"], ["--out-dir", str(tmp_path / "fresh")]):  # what the line offers
+        quest.check_args(quest.parse_args(["--out-dir", str(tmp_path), *flags]))
+
+
+def test_a_failure_at_the_last_file_leaves_no_success_line(quest, tiny_checkpoint, tmp_path, capsys):
+    """The JSON line comes after every file: here the animation, written last, cannot take its name."""
+    (tmp_path / "out" / "reverse_process.gif" / "in-the-way").mkdir(parents=True)
+    one_line_error(lambda: quest.main(["--sample-only", "--checkpoint", str(tiny_checkpoint), "--out-dir",
+                                       str(tmp_path / "out"), "--num-samples", "2", "--sample-steps", "2"]),
+                   "could not write", "reverse_process.gif")
+    out = capsys.readouterr().out
+    assert (tmp_path / "out" / "new_creation.png").exists() and "success" not in out and "saved" not in out
 
 
 def test_patches_fold_2x2_pixels_into_channels_and_back(quest):
@@ -586,18 +665,18 @@ def test_a_time_budget_stops_training_by_its_budget_and_still_samples(quest, cap
 
 # ---------------------------------------------------------------- faults lose nothing (slow: real runs)
 @pytest.mark.slow
-def test_divergence_from_scratch_stops_without_success_and_keeps_the_earlier_checkpoint(quest, capsys, trained,
-                                                                                         mnist_root, tmp_path):
+def test_divergence_from_scratch_stops_without_success_and_keeps_the_earlier_outputs(quest, capsys, trained,
+                                                                                      mnist_root, tmp_path):
     device, out_dir, _ = trained
-    checkpoint = tmp_path / "checkpoint.pt"
-    shutil.copy(out_dir / "checkpoint.pt", checkpoint)
-    before = checkpoint.read_bytes()
+    (tmp_path / "out").mkdir()
+    shutil.copy(out_dir / "new_creation.png", tmp_path / "out" / "new_creation.png")
+    before = (tmp_path / "out" / "new_creation.png").read_bytes()
     one_line_error(lambda: quest.main([str(arg) for arg in [
-        "--data-dir", mnist_root, "--out-dir", tmp_path / "out", "--checkpoint", checkpoint, *TINY, "--lr", "1e6",
+        "--data-dir", mnist_root, "--out-dir", tmp_path / "out", *TINY, "--lr", "1e6",
         "--lr-schedule", "constant", "--device", device]]), "diverged", "--lr")
     assert '"success": true' not in capsys.readouterr().out
-    assert checkpoint.read_bytes() == before, "a diverged run wrote over the earlier checkpoint"
-    assert not (tmp_path / "out" / "new_creation.png").exists()
+    assert (tmp_path / "out" / "new_creation.png").read_bytes() == before, "a diverged run wrote over the grid"
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["new_creation.png"]  # no checkpoint
 
 
 @pytest.mark.slow
@@ -608,7 +687,7 @@ def test_one_step_to_huge_weights_on_resume_leaves_the_good_checkpoint_byte_iden
     shutil.copytree(out_dir, tmp_path / "out")
     before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
     proc = run_script(SCRIPT, "--resume", "--data-dir", mnist_root, "--out-dir", tmp_path / "out", "--epochs", "2",
-                      "--lr", "1e39", "--batch-size", "5000", "--num-samples", "4", "--device", device, cwd=tmp_path)
+                      "--lr", "1e39", "--batch-size", "4096", "--num-samples", "4", "--device", device, cwd=tmp_path)
     assert_clean_failure(proc, "diverged in epoch 2", "--lr")
     assert '"success"' not in proc.stdout
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
@@ -714,6 +793,13 @@ def test_bad_digits_fail_in_one_line(quest, text):
 def test_digits_need_a_conditional_model_and_a_matching_num_samples(quest, tiny_checkpoint, mnist_root, tmp_path):
     one_line_error(lambda: quest.main(["--sample-only", "--checkpoint", str(tiny_checkpoint), "--digits", "7",
                                        "--out-dir", str(tmp_path / "o")]), "--digits", "conditional")
+    # the other flags of one kind of model are refused for the other kind too, not ignored
+    one_line_error(lambda: quest.main(["--sample-only", "--checkpoint", str(tiny_checkpoint), "--cfg", "2",
+                                       "--out-dir", str(tmp_path / "o")]), "--cfg needs a conditional model")
+    one_line_error(lambda: quest.main(["--cond-drop", "0.2", "--data-dir", str(mnist_root), "--out-dir",
+                                       str(tmp_path / "o")]), "--cond-drop", "this run is not one")
+    one_line_error(lambda: quest.main(["--conditional", "--guidance", "3", "--data-dir", str(mnist_root),
+                                       "--out-dir", str(tmp_path / "o")]), "--guidance", "conditional", "--cfg")
     one_line_error(lambda: quest.main(["--conditional", "--digits", "0-2", "--num-samples", "4", "--data-dir",
                                        str(mnist_root), "--out-dir", str(tmp_path / "o")]),
                    "--num-samples 4", "multiple of the 3 classes", "--num-samples 3")

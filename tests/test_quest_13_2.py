@@ -40,9 +40,15 @@ def one_line_error(call, *args, **kwargs):
     (("--lr", "nan"), ("--lr", "finite")),
     (("--lr", "-0.01"), ("--lr", "(0, 1e+30]")),
     (("--lr", "1e31"), ("--lr", "(0, 1e+30]")),  # Adam cannot take it (float32)
-    (("--teacher-epochs", "0"), ("--teacher-epochs", ">= 1")),
+    (("--teacher-epochs", "0"), ("--teacher-epochs", "[1, 10000]")),
+    (("--teacher-epochs", "10001"), ("--teacher-epochs", "[1, 10000]")),
     (("--epochs", "1.5"), ("--epochs", "whole number")),
-    (("--warmup-steps", "-1"), ("--warmup-steps", ">= 0")),
+    (("--epochs", "1000000000"), ("--epochs", "[1, 10000]")),
+    (("--batch-size", "8193"), ("--batch-size", "[1, 8192]")),
+    (("--warmup-steps", "-1"), ("--warmup-steps", "[0, 1000000]")),
+    (("--warmup-steps", "1000001"), ("--warmup-steps", "[0, 1000000]")),
+    (("--save-dir", "caf\udce9"), ("--save-dir", "'caf\\udce9' is not valid UTF-8")),  # a Latin-1 byte from the shell
+    (("--teacher", "caf\udce9.pt"), ("--teacher", "not valid UTF-8")),
     (("--seed", "-1"), ("--seed", "[0, 4294967295]")),
     (("--seed", str(2**32)), ("--seed", "[0, 4294967295]")),
     (("--device", "tpu"), ("--device", "invalid choice")),
@@ -214,6 +220,9 @@ def damage(quest, kind, path):
     elif kind == "other-architecture":
         record["architecture"] = "resnet18"
         message = "resnet18"
+    elif kind == "dataset-two-lines":  # named back in the message: it must not break the one line
+        record["dataset"] = "mnist\nsecond line"
+        message = "damaged (its dataset is 'mnist\\nsecond line')"
     elif kind == "epochs-a-string":
         record["teacher_epochs"] = "5"
         message = "damaged"
@@ -228,13 +237,34 @@ def damage(quest, kind, path):
 
 
 @pytest.mark.parametrize("kind", ["fifo", "folder", "missing", "garbage", "truncated", "plain-state-dict", "student",
-                                  "other-dataset", "other-architecture", "epochs-a-string", "wrong-shapes",
+                                  "other-dataset", "dataset-two-lines", "other-architecture", "epochs-a-string",
+                                  "wrong-shapes",
                                   "nan-weights"])
 def test_a_bad_teacher_file_is_refused_in_one_line(kind, tmp_path, quest):
     path = tmp_path / "teacher.pt"
     words = damage(quest, kind, path)
     message = one_line_error(quest.load_teacher, path, "mnist")
     assert "--teacher" in message and words in message, message
+
+
+class RunsCode:
+    """Unpickled with full pickle, this object runs os.mkdir(marker): a stand-in for any command a file could carry."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+def test_a_teacher_whose_pickle_would_run_code_is_refused_and_runs_nothing(tmp_path, quest):
+    record, marker = saved_teacher(quest), tmp_path / "code-ran"
+    record["config"] = RunsCode(marker)
+    (tmp_path / "teacher.pt").write_bytes(quest.torch_bytes(record))
+    message = one_line_error(quest.load_teacher, tmp_path / "teacher.pt", "mnist")
+    assert "--teacher" in message and "cannot be read" in message and not marker.exists(), message
+    torch.load(tmp_path / "teacher.pt", weights_only=False)  # the payload is real: full unpickling runs it
+    assert marker.exists()
 
 
 def test_a_saved_teacher_loads_back_bit_for_bit(tmp_path, quest):
@@ -316,7 +346,7 @@ def test_weights_blown_up_by_the_last_step_stop_the_run_and_keep_earlier_models(
 
 
 @pytest.mark.slow
-def test_full_disk_leaves_the_earlier_teacher_whole_and_no_temp_file(mnist_root, tmp_path, quest, monkeypatch):
+def test_full_disk_leaves_the_earlier_teacher_whole_and_no_temp_file(mnist_root, tmp_path, quest, monkeypatch, capsys):
     models = tmp_path / "models"
     models.mkdir()
     models.joinpath("teacher.pt").write_bytes(b"an earlier teacher")
@@ -324,6 +354,7 @@ def test_full_disk_leaves_the_earlier_teacher_whole_and_no_temp_file(mnist_root,
     message = one_line_error(quest.main, ["--data-dir", str(mnist_root), "--no-baseline", "--save-dir", str(models),
                                           *TINY])
     assert "disk is full" in message and "teacher.pt" in message
+    assert '"status"' not in capsys.readouterr().out  # the JSON line comes after every file, so it never came
     assert sorted(p.name for p in models.iterdir()) == ["teacher.pt"]  # no temp file, no student.pt
     assert models.joinpath("teacher.pt").read_bytes() == b"an earlier teacher"
 

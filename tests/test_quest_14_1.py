@@ -5,6 +5,7 @@ corrupt or empty data, divergence, a full disk, Ctrl-C and SIGTERM, torchao miss
 import errno
 import json
 import math
+import os
 import signal
 import sys
 
@@ -15,7 +16,7 @@ from torchvision import datasets, transforms
 
 from conftest import DEVICES, SHIPPED_MNIST, assert_clean_failure, import_script, result_json, run_script, \
     write_mnist_subset
-from tools.kit import interrupt_script, stop_while_starting
+from tools.kit import FullDiskFile, interrupt_script, stop_while_starting
 
 SCRIPT = "quest_14_1.py"
 # 20 batches of 32 on 512 digits: enough to learn (~85% on 256 test digits), a second of CPU.
@@ -218,20 +219,22 @@ def test_qat_flow_fine_tunes_then_converts(quest, mnist_root, tmp_path, capsys):
     assert model.conv2._c.qualified_name.endswith("intrinsic.quantized.modules.conv_relu.ConvReLU2d")
 
 
-def test_qat_freezes_the_observers_for_the_second_half(quest, monkeypatch):
+def test_qat_freezes_the_observers_for_the_second_half_and_draws_its_batches_one_at_a_time(quest, monkeypatch):
     frozen_at = []
     real_train = quest.train
 
     def spy(model, x, y, batches, lr, device, name, flag):
         observing = [m.observer_enabled.item() for m in model.modules() if hasattr(m, "observer_enabled")]
+        batches = list(batches)
         frozen_at.append((len(batches), set(observing)))
         return real_train(model, x, y, batches, lr, device, name, flag)
     monkeypatch.setattr(quest, "train", spy)
     quest.silence_known_warnings()
     torch.manual_seed(0)
     x, y = torch.randn(64, 1, 28, 28), torch.randint(0, 10, (64,))
-    int8, fine_tuned = quest.quantize_qat(quest.MiniCNN(), x, y, [torch.arange(16)] * 4, "fbgemm", 1e-4)
-    assert frozen_at == [(2, {1}), (2, {0})]
+    source = iter([torch.arange(16)] * 1000)  # as the script's endless batches: only the 5 steps asked for are drawn
+    int8, fine_tuned = quest.quantize_qat(quest.MiniCNN(), x, y, source, 5, "fbgemm", 1e-4)
+    assert frozen_at == [(2, {1}), (3, {0})] and len(list(source)) == 995
     assert isinstance(int8.conv1, torch.ao.nn.intrinsic.quantized.ConvReLU2d)
     assert type(fine_tuned) is quest.MiniCNN and not fine_tuned.training
 
@@ -358,6 +361,24 @@ def test_corrupt_or_empty_mnist_files_end_in_one_line_naming_the_file(file, dama
     assert "act 1" not in capsys.readouterr().out
 
 
+def test_a_huge_file_under_a_data_files_name_is_refused_before_it_is_read(quest, tmp_path):
+    root = write_mnist_subset(tmp_path / "data", 64, 32)
+    images = root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"
+    os.truncate(images, 64 * 2 ** 30)  # 64 GB, sparse: read whole, it would fill the memory before any check
+    message = one_line_error(lambda: quest.load_mnist("mnist", root, train=False))
+    assert f"{images} is corrupt" in message and f"it holds {64 * 2 ** 30}" in message, message
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_data_file_that_is_a_fifo_or_folder_ends_in_one_line_without_reading_it(kind, quest, tmp_path):
+    root = write_mnist_subset(tmp_path / "data", 64, 32)
+    labels = root / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    labels.unlink()
+    os.mkfifo(labels) if kind == "fifo" else labels.mkdir()  # a download would wait on the FIFO forever
+    message = one_line_error(lambda: quest.load_mnist("mnist", root, train=False))
+    assert f"{labels} is not a regular file" in message and "--data-dir" in message, message
+
+
 @pytest.mark.slow
 def test_unreachable_download_fails_cleanly_and_leaves_nothing(tmp_path):
     """The spec's failure case, as a user meets it: a subprocess, one stderr line, no traceback."""
@@ -385,19 +406,28 @@ def test_defaults_equal_the_spec(quest, capsys):
     (["--lr", "-1"], ["--lr", "above 0"]),
     (["--qat-lr", "inf"], ["--qat-lr", "finite"]),
     (["--latency-seconds", "inf"], ["--latency-seconds", "finite"]),  # used to time forever
-    (["--latency-seconds", "-1"], ["--latency-seconds", ">= 0"]),
-    (["--calib-batches", "0"], ["--calib-batches", ">= 1"]),
-    (["--qat-batches", "1"], ["--qat-batches", ">= 2"]),
+    (["--latency-seconds", "-1"], ["--latency-seconds", "[0, 600]"]),
+    (["--calib-batches", "0"], ["--calib-batches", "[1, 1000]"]),
+    (["--qat-batches", "1"], ["--qat-batches", "[2, 1000000]"]),
     (["--batch-size", "many"], ["--batch-size", "many"]),
     (["--seed", "-1"], ["--seed", "[0, 4294967295]"]),
     (["--seed", str(2**64)], ["--seed", "[0, 4294967295]"]),
     (["--device", "tpu"], ["--device", "tpu", "mps"]),
+    (["--qat-batches", "1000000000"], ["--qat-batches", "[2, 1000000]"]),  # once listed a billion batches up front
+    (["--train-batches", "1000001"], ["--train-batches", "[1, 1000000]"]),
+    (["--calib-batches", "1001"], ["--calib-batches", "[1, 1000]"]),
+    (["--batch-size", "8193"], ["--batch-size", "[1, 8192]"]),
+    (["--latency-seconds", "601"], ["--latency-seconds", "[0, 600]"]),
+    (["--save-dir", "caf\udce9"], ["--save-dir", "'caf\\udce9' is not valid UTF-8"]),  # a Latin-1 byte from the shell
+    (["--work-dir", "caf\udce9"], ["--work-dir", "not valid UTF-8"]),
     (["--flow", "fx"], ["--flow", "fx", "pt2e"]),
     (["--engine", "xnnpack"], ["--engine", "xnnpack", "qnnpack"]),
     (["--engine", "qnnpack", "--flow", "pt2e"], ["--engine qnnpack is for --flow eager or qat"]),
     (["--observer", "minmax", "--flow", "qat"], ["--observer is for --flow eager"]),
 ], ids=["lr nan", "lr negative", "qat lr inf", "latency inf", "latency negative", "no calibration batches",
-        "one qat batch", "batch size text", "negative seed", "seed 2^64", "unknown device", "unknown flow",
+        "one qat batch", "batch size text", "negative seed", "seed 2^64", "unknown device", "a billion qat batches",
+        "too many train batches", "too many calibration batches", "batch too big", "latency budget too long",
+        "save dir not utf-8", "work dir not utf-8", "unknown flow",
         "unknown engine", "engine with pt2e", "observer with qat"])
 def test_bad_flags_end_in_one_line_before_any_work(args, words, quest, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
@@ -452,6 +482,15 @@ def test_divergence_stops_with_one_line_naming_the_flag_and_keeps_earlier_output
     assert "{" not in capsys.readouterr().out  # no JSON result line
 
 
+def test_a_failure_writing_the_model_leaves_no_json_line(quest, mnist_root, tmp_path, capsys):
+    """The JSON line comes after every file the run promises: here the INT8 model cannot take its name."""
+    (tmp_path / "out" / "mini_cnn_int8.pt" / "in-the-way").mkdir(parents=True)
+    message = one_line_error(lambda: quest.main(["--data-dir", str(mnist_root), "--device", "cpu", "--save-dir",
+                                                 str(tmp_path / "out"), *TINY]))
+    assert "could not write" in message and "mini_cnn_int8.pt" in message, message
+    assert "{" not in capsys.readouterr().out  # no JSON result line
+
+
 def _full_disk(monkeypatch, quest):
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -468,11 +507,16 @@ def test_full_disk_keeps_the_old_model_and_leaves_no_temp_file(quest, tmp_path, 
     assert "the disk is full" in message and str(tmp_path / "mini_cnn_int8.pt") in message
     assert [p.name for p in tmp_path.iterdir()] == ["mini_cnn_int8.pt"]  # no .tmp
     assert (tmp_path / "mini_cnn_int8.pt").read_bytes() == b"an earlier good model"
-    work = tmp_path / "work"
-    work.mkdir()
-    with pytest.raises(SystemExit, match="the disk is full"):  # Act 5's temp files: their folder goes too
-        quest.state_dict_sizes_kb({"temp_fp32_model.pth": quest.MiniCNN()}, str(work))
-    assert list(work.iterdir()) == []
+
+
+def test_a_full_disk_under_act_5s_temp_files_names_work_dir_and_leaves_nothing(quest, tmp_path, monkeypatch):
+    monkeypatch.setattr(quest, "open", FullDiskFile, raising=False)
+    message = one_line_error(lambda: quest.state_dict_sizes_kb({"temp_fp32_model.pth": quest.MiniCNN()}, str(tmp_path)))
+    assert "temp_fp32_model.pth" in message and "the disk is full" in message, message
+    assert f"--work-dir {tmp_path}" in message and "pass another --work-dir" in message, message
+    assert list(tmp_path.iterdir()) == []  # the temp file and its folder are gone
+    message = one_line_error(lambda: quest.state_dict_sizes_kb({"temp_fp32_model.pth": quest.MiniCNN()}))
+    assert "system temp folder" in message and "pass --work-dir" in message, message
 
 
 class BrokenModel(nn.Module):
