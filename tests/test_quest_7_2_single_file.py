@@ -6,6 +6,7 @@ reads it back to the folder's weights, so the folder is the reference every test
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import types
 
@@ -16,7 +17,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import import_script
+from conftest import OFFLINE_ENV, REPO, import_script, result_json
 from tools.kit import build_tiny_pipeline, write_palette, write_single_file
 
 SCRIPT = "quest_7_2.py"
@@ -123,14 +124,16 @@ def test_the_script_loads_the_file_and_a_lightning_ckpt_to_the_folders_model(que
 @pytest.fixture(scope="module")
 def runs(quest, tiny_model, single_file, palette, tmp_path_factory):
     """The same tiny run (same seed) from the folder and from the file, in-process: {'folder'|'file': output dir}. The
-    file's run also renders a validation image (base model left, LoRA right) from the file."""
+    file's run also keeps checkpoints and renders validation images (base model left, LoRA right) during training and
+    from the file at the end."""
     folders = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for source, model in (("folder", [str(tiny_model)]),
                               ("file", [str(single_file), "--model-config", str(tiny_model),
-                                        "--validation-prompts", PROMPT, "--validation-steps", "2"])):
+                                        "--validation-prompts", PROMPT, "--validation-steps", "2",
+                                        "--validation-every", "2", "--checkpointing-steps", "1"])):
             folders[source] = tmp_path_factory.mktemp(source) / "seal"
             quest.main(["--model-id", *model, "--dataset-dir", str(palette), "--output-dir", str(folders[source]),
                         *TINY_RUN])
@@ -150,7 +153,51 @@ def test_the_same_seed_trains_the_same_lora_from_the_file_as_from_the_folder(run
     assert any(tensor.abs().max() > 0 for tensor in ups), "nothing was trained"
     with safe_open(runs["file"] / KOHYA_FILE, "pt") as file:
         assert file.metadata()["ss_sd_model_name"] == "my-model-v1.safetensors"
-    assert (runs["file"] / "validation_0.png").is_file()
+    assert (runs["file"] / "validation_0.png").is_file() and (runs["file"] / "validation" / "step-2_0.png").is_file()
+
+
+def test_resume_and_init_lora_work_from_the_file(quest, runs, single_file, tiny_model, palette, tmp_path, one_thread):
+    """--resume from the file run's checkpoint-1 ends at its LoRA; --init-lora with its LoRA and a learning rate too
+    small to move anything saves that LoRA again."""
+    common = ["--model-id", str(single_file), "--model-config", str(tiny_model), "--dataset-dir", str(palette),
+              *TINY_RUN]
+    quest.main([*common, "--output-dir", str(tmp_path / "resumed"), "--resume", str(runs["file"] / "checkpoint-1")])
+    quest.main([*common, "--output-dir", str(tmp_path / "continued"), "--init-lora", str(runs["file"]),
+                "--max-train-steps", "1", "--learning-rate", "1e-12"])
+    finished = load_file(runs["file"] / "pytorch_lora_weights.safetensors")
+    for folder, atol in (("resumed", 1e-5), ("continued", 1e-6)):
+        found = load_file(tmp_path / folder / "pytorch_lora_weights.safetensors")
+        for key, tensor in finished.items():
+            torch.testing.assert_close(found[key], tensor, rtol=1e-4 if folder == "resumed" else 0, atol=atol)
+
+
+def cache_as_default_config(quest, folder, hub):
+    """The configs and tokenizer of `folder` in a Hugging Face cache `hub`, as if fetched for diffusers' default SD v1.x
+    id (what `hf download <id> --include '*.json' --include '*.txt'` brings, into the cache's layout)."""
+    snapshot = hub / f"models--{quest.SD_V1_CONFIG.replace('/', '--')}" / "snapshots" / ("0" * 40)
+    for file in folder.rglob("*"):
+        if file.is_file() and file.suffix in (".json", ".txt"):
+            (snapshot / file.relative_to(folder)).parent.mkdir(parents=True, exist_ok=True)
+            (snapshot / file.relative_to(folder)).write_bytes(file.read_bytes())
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    return hub
+
+
+def test_without_model_config_diffusers_default_is_used_and_named(quest, single_file, tiny_model, tmp_path,
+                                                                  monkeypatch, capsys):
+    """No --model-config: the configs and tokenizer of diffusers' default for SD v1.x files, from the Hugging Face cache
+    (offline here; online they are fetched, without weights), and the run says which."""
+    import huggingface_hub.constants
+    cache_as_default_config(quest, tiny_model, tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    quest.check_model_file(str(single_file), None)
+    _, text_encoder, _, unet, _ = quest.load_components(str(single_file))
+    assert f"configs and tokenizer of {quest.SD_V1_CONFIG}, diffusers' default" in capsys.readouterr().out
+    reference = quest.load_components(str(tiny_model))
+    assert_same_weights(weights(unet), weights(reference[3]))
+    assert_same_weights(weights(text_encoder), weights(reference[1]))
 
 
 def test_the_kohya_metadata_names_the_file_with_kohyas_hashes_of_it(runs, single_file):
@@ -283,3 +330,22 @@ def test_offline_without_model_config_says_what_to_pass(quest, single_file, pale
     line = message(exit_info)
     assert "pass --model-config DIR" in line and quest.SD_V1_CONFIG in line and "hf download" in line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_trains_from_the_file_and_says_which_configs_once(quest, single_file, tiny_model, palette, tmp_path):
+    """Two CPU processes on the file, without --model-config (diffusers' default configs from the cache, offline):
+    the run names the configs once and writes the LoRA once."""
+    hub = cache_as_default_config(quest, tiny_model, tmp_path / "hub")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / SCRIPT),
+               "--model-id", single_file, "--dataset-dir", palette, "--output-dir", tmp_path / "seal",
+               "--device", "cpu", *TINY_RUN, "--train-batch-size", "1"]
+    proc = subprocess.run([str(part) for part in command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **OFFLINE_ENV, "OMP_NUM_THREADS": "1",
+                               "HF_HUB_CACHE": str(hub)})
+    assert result_json(proc)["steps"] == 2
+    assert "training on 2 process(es)" in proc.stdout
+    assert proc.stdout.count(f"configs and tokenizer of {quest.SD_V1_CONFIG}") == 1
+    assert proc.stdout.count("wrote pytorch_lora_weights.safetensors") == 1
+    with safe_open(tmp_path / "seal" / KOHYA_FILE, "pt") as file:
+        assert file.metadata()["ss_sd_model_name"] == single_file.name
