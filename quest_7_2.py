@@ -1,9 +1,10 @@
 """Quest 7.2 - the artist's seal: teach a Stable Diffusion v1.x UNet a palette with LoRA.
 
-Point the script at a folder of images and a Stable Diffusion v1.x model (a hub id or a local
-folder). It freezes the whole model, adds small LoRA matrices (default r=16, alpha=32) to the UNet's
-attention projections and trains only those on the images. Each image is trained with its own
-caption (image.txt beside it, or a metadata.jsonl line) or, without one, with --train-prompt.
+Point the script at a folder of images and a Stable Diffusion v1.x model: your model file as A1111,
+ComfyUI and model sites have it, a hub id or a diffusers folder. It freezes the whole model, adds small
+LoRA matrices (default r=16, alpha=32) to the UNet's attention projections and trains only those on the
+images. Each image is trained with its own caption (image.txt beside it, or a metadata.jsonl line) or,
+without one, with --train-prompt.
 The result is a few megabytes, written twice: pytorch_lora_weights.safetensors for diffusers'
 `load_lora_weights(outputDir)`, and the same LoRA in the kohya layout, with the metadata A1111
 shows (lora_kohya_for_a1111_forge_comfyui.safetensors), for AUTOMATIC1111, Forge and ComfyUI.
@@ -14,7 +15,8 @@ text embedding per distinct caption, and the VAE latents of every image (both fl
 training step runs the UNet alone. Under fp16/bf16 mixed precision the frozen UNet is kept in
 that dtype and only the LoRA weights in fp32.
 
-    python quest_7_2.py --dataset-dir my_palette --output-dir artist_seal
+    python quest_7_2.py --model-id v1-5-pruned-emaonly.safetensors --dataset-dir my_palette --output-dir artist_seal
+    python quest_7_2.py --dataset-dir my_palette --output-dir artist_seal                # the hub's SD v1.4
     python quest_7_2.py --dataset-dir my_photos --trigger-word zq --rank 8 --lora-alpha 8
     torchrun --nproc_per_node 2 quest_7_2.py --config settings.json      # several GPUs, same script
 
@@ -401,7 +403,8 @@ def not_sd_v1(shapes):
 
     if any(name.startswith(("lora_unet_", "lora_te")) or re.search(r"\.(lora_down|lora_A|lora\.down)\.", name)
            for name in shapes):
-        return "is a LoRA, not a model; pass the base model as --model-id (and the LoRA as --init-lora to keep training it)"
+        return ("is a LoRA, not a model; pass the base model as --model-id (and the LoRA as --init-lora to keep "
+                "training it)")
     if has("conditioner.embedders."):
         return ("looks like an SDXL checkpoint (conditioner.embedders.*); this quest trains SD v1.x: pass an SD v1.x "
                 "file such as v1-5-pruned-emaonly.safetensors")
@@ -454,8 +457,9 @@ def config_misfit(shapes, config_dir):
     for part, prefix, model_class in parts:
         try:
             with init_empty_weights():
-                model = (CLIPTextModel(CLIPTextConfig.from_pretrained(config_dir, subfolder=part)) if part == "text_encoder"
-                         else model_class.from_config(model_class.load_config(config_dir, subfolder=part)))
+                config = (CLIPTextConfig.from_pretrained(config_dir, subfolder=part) if part == "text_encoder"
+                          else model_class.load_config(config_dir, subfolder=part))
+                model = model_class(config) if part == "text_encoder" else model_class.from_config(config)
         except (OSError, ValueError, TypeError) as err:
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
             return f"is not a diffusers-format SD v1.x folder ({part}: {reason})"
@@ -473,7 +477,8 @@ def check_model_file(model_id, model_config):
     its configs (--model-config, or diffusers' default) must fit its weights. A hub id or folder is loaded as it is."""
     if not is_single_file(model_id):
         if model_config is not None:
-            fail(f"--model-config is for a single-file --model-id; {model_id} brings its own configs: drop --model-config")
+            fail(f"--model-config is for a single-file --model-id; {model_id} brings its own configs: "
+                 "drop --model-config")
         return
     if Path(model_id).suffix.lower() not in SINGLE_FILE_SUFFIXES:
         fail(f"--model-id {model_id} is a file but neither .safetensors nor .ckpt; pass an SD v1.x checkpoint file "
@@ -589,7 +594,10 @@ def kohya_metadata(args, unet, captions_per_image, dataset_label):
     config = unet.peft_config["default"]
     base_model_hashes = {}
     if Path(model).is_file():
-        base_model_hashes["ss_sd_model_hash"], base_model_hashes["ss_new_sd_model_hash"] = model_file_hashes(model)
+        try:
+            base_model_hashes["ss_sd_model_hash"], base_model_hashes["ss_new_sd_model_hash"] = model_file_hashes(model)
+        except OSError:  # the file went away during training: its name alone, as for a folder
+            pass
     return {"ss_output_name": Path(args.output_dir).resolve().name,
             "ss_tag_frequency": json.dumps({dataset_label: tags}),
             "ss_resolution": str((args.resolution, args.resolution)),

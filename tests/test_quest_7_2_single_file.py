@@ -1,7 +1,8 @@
-"""quest_7_2.py on a single-file SD v1.x checkpoint (the original LDM layout A1111, ComfyUI and model sites use), offline.
+"""quest_7_2.py on a single-file SD v1.x checkpoint (the original LDM layout of A1111's, ComfyUI's and model sites'
+files), offline.
 
-write_single_file (tools/kit.py) writes the tiny random pipeline folder as one such file; diffusers' own from_single_file
-reads it back to the folder's weights, so the folder is the reference every test compares the file against.
+write_single_file (tools/kit.py) writes the tiny random pipeline folder as one such file; diffusers' own
+from_single_file reads it back to the folder's weights, so the folder is the reference the file is compared against.
 """
 import hashlib
 import json
@@ -316,6 +317,10 @@ def test_model_config_that_does_not_fit_the_file_is_one_line(quest, single_file,
                         str(palette), "--output-dir", str(tmp_path / "out")])
         for word in words:
             assert word in message(exit_info), message(exit_info)
+    with pytest.raises(SystemExit) as exit_info:  # a folder brings its own configs
+        quest.parse_args(["--model-id", str(tiny_model), "--model-config", str(other), "--output-dir",
+                          str(tmp_path / "out")])
+    assert "drop --model-config" in message(exit_info)
     assert not (tmp_path / "out").exists()
 
 
@@ -337,7 +342,8 @@ def test_torchrun_trains_from_the_file_and_says_which_configs_once(quest, single
     """Two CPU processes on the file, without --model-config (diffusers' default configs from the cache, offline):
     the run names the configs once and writes the LoRA once."""
     hub = cache_as_default_config(quest, tiny_model, tmp_path / "hub")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / SCRIPT),
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / SCRIPT),
                "--model-id", single_file, "--dataset-dir", palette, "--output-dir", tmp_path / "seal",
                "--device", "cpu", *TINY_RUN, "--train-batch-size", "1"]
     proc = subprocess.run([str(part) for part in command], cwd=tmp_path, capture_output=True, text=True, timeout=600,
