@@ -284,7 +284,9 @@ def check_args(args):
                  "--checkpointing-steps, or 'latest'")
     if args.init_lora is not None:
         init_lora_file(args.init_lora)  # a missing file ends here; its tensors are checked against the UNet later
-    check_model_file(args.model_id, args.model_config)  # a single file's kind and configs, from its tensor list
+    if args.model_config is not None and not is_single_file(args.model_id):
+        fail(f"--model-config is for a single-file --model-id; {args.model_id} brings its own configs: "
+             "drop --model-config")
 
 
 # ---------------------------------------------------------------- models
@@ -476,9 +478,6 @@ def check_model_file(model_id, model_config):
     """Before anything is loaded: a single-file --model-id must be an SD v1.x checkpoint, read from its tensor list, and
     its configs (--model-config, or diffusers' default) must fit its weights. A hub id or folder is loaded as it is."""
     if not is_single_file(model_id):
-        if model_config is not None:
-            fail(f"--model-config is for a single-file --model-id; {model_id} brings its own configs: "
-                 "drop --model-config")
         return
     if Path(model_id).suffix.lower() not in SINGLE_FILE_SUFFIXES:
         fail(f"--model-id {model_id} is a file but neither .safetensors nor .ckpt; pass an SD v1.x checkpoint file "
@@ -1452,6 +1451,7 @@ def main(argv=None):
     device = pick_device(args.device)
     output_dir = Path(args.output_dir)
     checkpoint = resume_checkpoint(args)  # a damaged --resume latest is found before the model loads
+    check_model_file(args.model_id, args.model_config)  # a single file's kind and configs, from its tensor list
 
     # Act 1: the images and their captions, every image decoded before the model loads (a bad file costs seconds).
     files, captions, sources = read_hub_dataset(args) if args.dataset_name else read_folder(args)
