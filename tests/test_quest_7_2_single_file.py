@@ -199,6 +199,10 @@ def test_without_model_config_diffusers_default_is_used_and_named(quest, single_
     reference = quest.load_components(str(tiny_model))
     assert_same_weights(weights(unet), weights(reference[3]))
     assert_same_weights(weights(text_encoder), weights(reference[1]))
+    # --validation-every's pipeline around the training parts: the cached configs (no weights) give the rest.
+    pipeline = quest.stable_diffusion_pipeline(str(single_file), None, unet=unet, text_encoder=text_encoder,
+                                               vae=reference[2], tokenizer=reference[0])
+    assert pipeline.unet is unet and type(pipeline.scheduler).__name__ == "PNDMScheduler"
 
 
 def test_the_kohya_metadata_names_the_file_with_kohyas_hashes_of_it(runs, single_file):
