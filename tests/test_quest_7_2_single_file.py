@@ -119,6 +119,14 @@ def test_the_script_loads_the_file_and_a_lightning_ckpt_to_the_folders_model(que
             assert not any(p.requires_grad for p in found.parameters())
         assert tokenizer.get_vocab() == reference[0].get_vocab()
         assert type(scheduler) is type(reference[4]) and dict(scheduler.config) == dict(reference[4].config)
+    # Most files on model sites hold fp16 weights: they load as fp32 models (the script picks the training dtype).
+    half = tmp_path / "my-model-v1-fp16.safetensors"
+    save_file({key: tensor.half() if tensor.is_floating_point() else tensor
+               for key, tensor in load_file(single_file).items()}, half)
+    quest.check_model_file(str(half), str(tiny_model))
+    for found, expected in zip(quest.load_components(str(half), str(tiny_model))[1:4], reference[1:4]):
+        assert {p.dtype for p in found.parameters()} == {torch.float32}
+        assert_same_weights(weights(found), {key: t.half().float() for key, t in weights(expected).items()})
 
 
 # ---------------------------------------------------------------- training from the file
