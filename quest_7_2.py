@@ -309,9 +309,9 @@ def load_components(model_id, model_config=None):
             tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
     except (OSError, ValueError, KeyError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        if is_single_file(model_id):  # the file was checked: what is left is configs that do not fit its weights
-            fail(f"--model-config {model_config or SD_V1_CONFIG} does not fit the weights of {model_id} "
-                 f"({reason[:200]}); pass the diffusers-format folder of the SD v1.x model the file was made from")
+        if is_single_file(model_id):  # the file and the configs' sizes were checked: a shape that differs is left
+            fail(f"could not build {model_id} with the configs of {model_config or SD_V1_CONFIG} ({reason[:200]}); "
+                 "pass --model-config with the diffusers-format folder of the SD v1.x model the file was made from")
         fail(f"could not load the Stable Diffusion model '{model_id}' ({reason}); "
              "pass a hub id you can download (or have cached) or a local folder saved with save_pretrained")
     # transformers 5 builds a special-tokens-only tokenizer from a folder without tokenizer files instead of failing.
@@ -349,9 +349,10 @@ def stable_diffusion_pipeline(model_id, model_config=None, **parts):
 
 
 class LightningCallbackName:
-    """The original SD .ckpt files (PyTorch Lightning's) key their callback state by pytorch_lightning's ModelCheckpoint
-    class. torch's weights-only unpickler may map that one name to this empty class (AUTOMATIC1111's modules/safe.py
-    allows the same name); the class is never imported, and any other code a pickle names is refused."""
+    """SD .ckpt files written by the original (PyTorch Lightning) training code may name pytorch_lightning's
+    ModelCheckpoint class in their callback state. torch's weights-only unpickler maps that one name to this empty
+    class (AUTOMATIC1111's modules/safe.py allows the same name): pytorch_lightning is never imported, and any other
+    code a pickle names is refused."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -488,8 +489,8 @@ def check_model_file(model_id, model_config):
         fail(f"--model-id {model_id} {problem}")
     misfit = config_misfit(shapes, model_config_dir(model_config))
     if misfit:
-        fail(f"--model-config {model_config or SD_V1_CONFIG} {misfit}; pass the diffusers-format folder of the SD "
-             f"v1.x model {Path(model_id).name} was made from")
+        fail(f"--model-config {model_config or SD_V1_CONFIG} {misfit}; pass --model-config with the diffusers-format "
+             f"folder of the SD v1.x model {Path(model_id).name} was made from")
 
 
 def check_resolution_fits(resolution, vae, model_id):

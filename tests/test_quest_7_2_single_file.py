@@ -329,6 +329,9 @@ def test_model_config_that_does_not_fit_the_file_is_one_line(quest, single_file,
                         str(palette), "--output-dir", str(tmp_path / "out")])
         for word in words:
             assert word in message(exit_info), message(exit_info)
+    with pytest.raises(SystemExit) as exit_info:  # past the check, diffusers' own shape check says it in one line too
+        quest.load_components(str(single_file), str(other))
+    assert "could not build" in message(exit_info) and "--model-config" in message(exit_info)
     with pytest.raises(SystemExit) as exit_info:  # a folder brings its own configs
         quest.parse_args(["--model-id", str(tiny_model), "--model-config", str(other), "--output-dir",
                           str(tmp_path / "out")])
