@@ -442,7 +442,7 @@ def model_config_dir(model_config):
     try:
         return Path(snapshot_download(repo, allow_patterns=CONFIG_FILES))
     except (OSError, ValueError) as err:  # offline and not cached, no network, an unknown or malformed id
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")[:160]
         if model_config is not None:
             fail(f"--model-config {model_config} is neither a folder nor a hub id that could be fetched ({reason}); "
                  "pass a diffusers-format SD v1.x folder")
