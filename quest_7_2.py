@@ -1,9 +1,10 @@
 """Quest 7.2 - the artist's seal: teach a Stable Diffusion v1.x UNet a palette with LoRA.
 
-Point the script at a folder of images and a Stable Diffusion v1.x model (a hub id or a local
-folder). It freezes the whole model, adds small LoRA matrices (default r=16, alpha=32) to the UNet's
-attention projections and trains only those on the images. Each image is trained with its own
-caption (image.txt beside it, or a metadata.jsonl line) or, without one, with --train-prompt.
+Point the script at a folder of images and a Stable Diffusion v1.x model: your model file as A1111,
+ComfyUI and model sites have it, a hub id or a diffusers folder. It freezes the whole model, adds small
+LoRA matrices (default r=16, alpha=32) to the UNet's attention projections and trains only those on the
+images. Each image is trained with its own caption (image.txt beside it, or a metadata.jsonl line) or,
+without one, with --train-prompt.
 The result is a few megabytes, written twice: pytorch_lora_weights.safetensors for diffusers'
 `load_lora_weights(outputDir)`, and the same LoRA in the kohya layout, with the metadata A1111
 shows (lora_kohya_for_a1111_forge_comfyui.safetensors), for AUTOMATIC1111, Forge and ComfyUI.
@@ -14,7 +15,8 @@ text embedding per distinct caption, and the VAE latents of every image (both fl
 training step runs the UNet alone. Under fp16/bf16 mixed precision the frozen UNet is kept in
 that dtype and only the LoRA weights in fp32.
 
-    python quest_7_2.py --dataset-dir my_palette --output-dir artist_seal
+    python quest_7_2.py --model-id v1-5-pruned-emaonly.safetensors --dataset-dir my_palette --output-dir artist_seal
+    python quest_7_2.py --dataset-dir my_palette --output-dir artist_seal                # the hub's SD v1.4
     python quest_7_2.py --dataset-dir my_photos --trigger-word zq --rank 8 --lora-alpha 8
     torchrun --nproc_per_node 2 quest_7_2.py --config settings.json      # several GPUs, same script
 
@@ -37,6 +39,7 @@ import signal
 import sys
 import tempfile
 import warnings
+import zipfile
 from pathlib import Path
 
 
@@ -63,19 +66,21 @@ try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
     transformers.utils.logging.set_verbosity_error()
     import safetensors.torch
     import torch.nn.functional as F
-    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate import Accelerator, DataLoaderConfiguration, init_empty_weights
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.training_utils import cast_training_params, compute_snr
     from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
+    from huggingface_hub import snapshot_download
     from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
     from PIL import Image, ImageDraw, ImageOps
     from safetensors import safe_open
     from torch.utils.data import DataLoader, Dataset, TensorDataset
     from torchvision import transforms
     from tqdm.auto import tqdm
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
     if hasattr(signal, "pthread_sigmask"):  # a signal held meanwhile is raised here, inside this guard
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 except KeyboardInterrupt as stop:
@@ -106,6 +111,11 @@ MAX_STEPS = 1_000_000  # weeks of GPU time; the loss log keeps one row per step 
 MAX_CHECKPOINTS_KEPT = 1000
 MAX_VALIDATION_STEPS = 1000  # SD v1's scheduler has 1000 timesteps: more denoising steps than that are refused by it
 MAX_VALIDATION_PROMPTS = 100
+# A single-file --model-id without --model-config is built with the configs diffusers itself picks for SD v1.x files.
+SD_V1_CONFIG = DIFFUSERS_DEFAULT_PIPELINE_PATHS["v1"]["pretrained_model_name_or_path"]
+SINGLE_FILE_SUFFIXES = (".safetensors", ".ckpt")
+# What diffusers' from_single_file fetches of a hub id for its configs: every config and tokenizer file, no weights.
+CONFIG_FILES = ["**/*.json", "*.json", "*.txt", "**/*.txt", "**/*.model"]
 
 
 def parse_args(argv=None):
@@ -127,7 +137,13 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="artist_seal",
                         help="where the LoRA files, result.json, the loss log and checkpoints go")
     parser.add_argument("--model-id", default="CompVis/stable-diffusion-v1-4",
-                        help="Stable Diffusion v1.x model: a hub id or a local folder in diffusers layout")
+                        help="Stable Diffusion v1.x model: a hub id, a local folder in diffusers layout, or one "
+                             "checkpoint file as A1111, ComfyUI and model sites have it (.safetensors, or .ckpt, "
+                             "read without running its pickled code)")
+    parser.add_argument("--model-config", metavar="DIR_OR_HUB_ID",
+                        help="a single-file --model-id: the diffusers-format SD v1.x folder (or hub id) whose configs "
+                             "and tokenizer it is built with (its weights are not needed); default: diffusers' own "
+                             f"for SD v1.x files, {SD_V1_CONFIG}, fetched from the hub")
     parser.add_argument("--resolution", type=number(int, 8, MAX_RESOLUTION), default=256,
                         help="images are resized and center-cropped to this; a multiple of 8 (the VAE's factor)")
     parser.add_argument("--train-batch-size", type=number(int, 1, MAX_BATCH_SIZE), default=1,
@@ -316,19 +332,36 @@ def check_args(args):
     check_no_other_run(args)
     if args.init_lora is not None:
         init_lora_file(args.init_lora)  # a missing file ends here; its tensors are checked against the UNet later
+    if args.model_config is not None and not is_single_file(args.model_id):
+        fail(f"--model-config is for a single-file --model-id; {args.model_id} brings its own configs: "
+             "drop --model-config")
 
 
 # ---------------------------------------------------------------- models
-def load_components(model_id):
-    """The five parts of an SD v1.x pipeline, or one clear line naming the id that could not be loaded."""
+def load_components(model_id, model_config=None):
+    """The five parts of an SD v1.x pipeline, or one clear line naming the id that could not be loaded. A single file
+    (checked by check_model_file) is built by diffusers' from_single_file with the configs of --model-config."""
     try:
-        text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
-        vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae")
-        unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
-        noise_scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
-        tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
-    except (OSError, ValueError) as err:
+        if is_single_file(model_id):
+            if model_config is None and int(os.environ.get("RANK", "0")) == 0:  # said once, under torchrun too
+                print(f"{Path(model_id).name}: configs and tokenizer of {SD_V1_CONFIG}, diffusers' default for SD v1.x "
+                      "files (pass --model-config to use another model's)")
+            pipeline = stable_diffusion_pipeline(model_id, model_config)
+            text_encoder, vae, unet, tokenizer = pipeline.text_encoder, pipeline.vae, pipeline.unet, pipeline.tokenizer
+            noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
+        else:
+            text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder")
+            vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae")
+            unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet")
+            noise_scheduler = DDPMScheduler.from_pretrained(model_id, subfolder="scheduler")
+            tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
+    # A config value diffusers cannot build from (cross_attention_dim -5 or "abc", JSON nested too deeply) raises
+    # RuntimeError (RecursionError is one) or TypeError.
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if is_single_file(model_id):  # the file and the configs' sizes were checked: a shape that differs is left
+            fail(f"could not build {model_id} with the configs of {model_config or SD_V1_CONFIG} ({reason[:200]}); "
+                 "pass --model-config with the diffusers-format folder of the SD v1.x model the file was made from")
         fail(f"could not load the Stable Diffusion model '{model_id}' ({reason}); "
              "pass a hub id you can download (or have cached) or a local folder saved with save_pretrained")
     # transformers 5 builds a special-tokens-only tokenizer from a folder without tokenizer files instead of failing.
@@ -367,6 +400,173 @@ def check_model_parts_fit(tokenizer, text_encoder, vae, unet, model_id):
     if problem:
         fail(f"the parts of '{model_id}' do not fit each other ({problem}); pass a complete Stable Diffusion v1.x "
              "model, with all parts from the same one")
+
+
+def is_single_file(model_id):
+    """--model-id names one checkpoint file (a path ending in .safetensors or .ckpt, or any existing file), not a hub id
+    or a diffusers folder."""
+    return Path(model_id).suffix.lower() in SINGLE_FILE_SUFFIXES or Path(model_id).is_file()
+
+
+def stable_diffusion_pipeline(model_id, model_config=None, **parts):
+    """A StableDiffusionPipeline of --model-id: from_pretrained for a hub id or folder, diffusers' from_single_file for
+    one checkpoint file (with the configs and tokenizer of --model-config). `parts` (unet=..., vae=..., dtype=...) go
+    to the loader; with the UNet, VAE and text encoder given, a single file is not read again. No safety checker: it
+    would download another ~1.2 GB for hub ids and black out images."""
+    options = {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False, **parts}
+    if not is_single_file(model_id):
+        return StableDiffusionPipeline.from_pretrained(model_id, **options)
+    config_dir = model_config_dir(model_config)
+    if all(parts.get(name) is not None for name in ("unet", "vae", "text_encoder")):
+        return StableDiffusionPipeline.from_pretrained(config_dir, **options)  # the scheduler and tokenizer only
+    with torch.serialization.safe_globals(CKPT_ALLOWED_CLASSES):  # a .ckpt is read by torch's weights-only unpickler
+        return StableDiffusionPipeline.from_single_file(model_id, config=str(config_dir), local_files_only=True,
+                                                        **options)
+
+
+class LightningCallbackName:
+    """SD .ckpt files written by the original (PyTorch Lightning) training code may name pytorch_lightning's
+    ModelCheckpoint class in their callback state. torch's weights-only unpickler maps that one name to this empty
+    class (AUTOMATIC1111's modules/safe.py allows the same name): pytorch_lightning is never imported, and any other
+    code a pickle names is refused."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+CKPT_ALLOWED_CLASSES = [(LightningCallbackName, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
+def read_ckpt(path):
+    """A .ckpt's state dict, unpickled by torch's weights-only unpickler (tensors and plain containers; memory-mapped
+    when it is a zip): a pickle that would call code is refused, naming what it would call."""
+    try:
+        with torch.serialization.safe_globals(CKPT_ALLOWED_CLASSES):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        called = re.search(r"GLOBAL ([\w.]+)", str(err))
+        fail(f"--model-id {path} is a .ckpt whose pickle would run code ({called[1] if called else 'not weights'}), "
+             "so it was not loaded; use the model's .safetensors file, or a .ckpt from a source you trust")
+    except Exception as err:  # noqa: BLE001 - a truncated zip, a text file, an old pickle: several types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        fail(f"--model-id {path} does not load as a .ckpt ({reason}): truncated, or not a PyTorch checkpoint; "
+             "download it again or pass the model's .safetensors file")
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]  # Lightning's files keep the weights under state_dict
+    return checkpoint if isinstance(checkpoint, dict) else {}
+
+
+def checkpoint_shapes(path):
+    """{tensor name: shape} of a single-file checkpoint: a .safetensors file's header alone (no weight is read), or the
+    tensors of a .ckpt read by read_ckpt. Anything unreadable ends in one line."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"--model-id {path} is not a file; pass the path of your model's .safetensors or .ckpt file, a diffusers "
+             "folder or a hub id")
+    if path.suffix.lower() == ".ckpt":
+        return {key: tuple(value.shape) for key, value in read_ckpt(path).items() if isinstance(value, torch.Tensor)}
+    try:
+        with safe_open(path, "pt") as file:
+            return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors reports a bad header, a short file, ... as several types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        fail(f"--model-id {path} is not a readable safetensors file ({reason}): truncated, or not a model at all; "
+             "download it again or pass another file")
+
+
+def not_sd_v1(shapes):
+    """Why a single file's tensors are not an SD v1.x checkpoint in the original (LDM) layout, saying what it looks
+    like, or None. The names are the ones diffusers' single_file_utils and A1111 tell the model families by."""
+    def has(prefix):
+        return any(name.startswith(prefix) for name in shapes)
+
+    if any(name.startswith(("lora_unet_", "lora_te")) or re.search(r"\.(lora_down|lora_A|lora\.down)\.", name)
+           for name in shapes):
+        return ("is a LoRA, not a model; pass the base model as --model-id (and the LoRA as --init-lora to keep "
+                "training it)")
+    if has("conditioner.embedders."):
+        return ("looks like an SDXL checkpoint (conditioner.embedders.*); this quest trains SD v1.x: pass an SD v1.x "
+                "file such as v1-5-pruned-emaonly.safetensors")
+    if has("cond_stage_model.model."):
+        return ("looks like an SD 2.x checkpoint (an OpenCLIP text encoder, cond_stage_model.model.*); this quest "
+                "trains SD v1.x: pass an SD v1.x file such as v1-5-pruned-emaonly.safetensors")
+    if not has("model.diffusion_model."):
+        if has("encoder.conv_in.") and has("decoder.conv_out."):
+            return "is a VAE alone; pass the whole SD v1.x checkpoint as --model-id (the VAE is inside it)"
+        return ("holds no SD UNet (no model.diffusion_model.* tensors); pass an SD v1.x checkpoint in the original "
+                "layout (A1111's, ComfyUI's), or a diffusers folder holding unet/, vae/ and text_encoder/")
+    missing = [what for prefix, what in (("first_stage_model.", "VAE (first_stage_model.*)"),
+                                         ("cond_stage_model.transformer.", "CLIP text encoder "
+                                                                           "(cond_stage_model.transformer.*)"))
+               if not has(prefix)]
+    if missing:
+        return (f"holds a UNet but no {' and no '.join(missing)}; pass a complete SD v1.x checkpoint (UNet, VAE and "
+                "text encoder in one file)")
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", ())
+    if len(conv_in) == 4 and conv_in[1] != 4:
+        return (f"has a UNet with {conv_in[1]} input channels (an inpainting or instruct-pix2pix model); this quest "
+                "trains text-to-image SD v1.x models, which take 4")
+    return None
+
+
+def model_config_dir(model_config):
+    """The folder whose configs and tokenizer a single-file model is built with: --model-config's folder, or its hub id
+    (or, without it, diffusers' default SD_V1_CONFIG) fetched without weights into the Hugging Face cache."""
+    if model_config is not None and Path(model_config).is_dir():
+        return Path(model_config)
+    repo = model_config or SD_V1_CONFIG
+    try:
+        return Path(snapshot_download(repo, allow_patterns=CONFIG_FILES))
+    except (OSError, ValueError) as err:  # offline and not cached, no network, an unknown or malformed id
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")[:160]
+        if model_config is not None:
+            fail(f"--model-config {model_config} is neither a folder nor a hub id that could be fetched ({reason}); "
+                 "pass a diffusers-format SD v1.x folder")
+        fail(f"a single-file --model-id needs the configs and tokenizer of SD v1.x, and diffusers' default, "
+             f"{repo}, is not cached and could not be fetched ({reason}); pass --model-config DIR, a diffusers-format "
+             f"SD v1.x folder (weights not needed: `hf download {repo} --include '*.json' --include '*.txt' "
+             "--local-dir sd15-config` where there is network)")
+
+
+def config_misfit(shapes, config_dir):
+    """Why the configs in config_dir build a UNet, VAE or text encoder of another size than the file's weights, or
+    None: tensors and numbers counted per part, the models built on the meta device (nothing is allocated)."""
+    parts = (("unet", "model.diffusion_model.", UNet2DConditionModel), ("vae", "first_stage_model.", AutoencoderKL),
+             ("text_encoder", "cond_stage_model.transformer.", CLIPTextModel))
+    for part, prefix, model_class in parts:
+        try:
+            with init_empty_weights():
+                config = (CLIPTextConfig.from_pretrained(config_dir, subfolder=part) if part == "text_encoder"
+                          else model_class.load_config(config_dir, subfolder=part))
+                model = model_class(config) if part == "text_encoder" else model_class.from_config(config)
+        except (OSError, ValueError, TypeError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            return f"is not a diffusers-format SD v1.x folder ({part}: {reason})"
+        expected = [tensor.numel() for tensor in model.state_dict().values()]
+        found = [math.prod(shape) for name, shape in shapes.items()
+                 if name.startswith(prefix) and not name.endswith(".position_ids")]  # a buffer, not a weight
+        if (len(found), sum(found)) != (len(expected), sum(expected)):
+            return (f"builds a {part} of {len(expected)} tensors ({sum(expected):,} numbers), the file holds "
+                    f"{len(found)} ({sum(found):,})")
+    return None
+
+
+def check_model_file(model_id, model_config):
+    """Before anything is loaded: a single-file --model-id must be an SD v1.x checkpoint, read from its tensor list, and
+    its configs (--model-config, or diffusers' default) must fit its weights. A hub id or folder is loaded as it is."""
+    if not is_single_file(model_id):
+        return
+    if Path(model_id).suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        fail(f"--model-id {model_id} is a file but neither .safetensors nor .ckpt; pass an SD v1.x checkpoint file "
+             "(A1111's, ComfyUI's), a diffusers folder or a hub id")
+    shapes = checkpoint_shapes(model_id)
+    problem = not_sd_v1(shapes)
+    if problem:
+        fail(f"--model-id {model_id} {problem}")
+    misfit = config_misfit(shapes, model_config_dir(model_config))
+    if misfit:
+        fail(f"--model-config {model_config or SD_V1_CONFIG} {misfit}; pass --model-config with the diffusers-format "
+             f"folder of the SD v1.x model {Path(model_id).name} was made from")
 
 
 def check_resolution_fits(resolution, vae, model_id):
@@ -458,8 +658,9 @@ def save_lora(unet, directory, kohya_keys=None):
 def kohya_metadata(args, unet, captions_per_image, dataset_label):
     """The ss_* keys kohya's sd-scripts writes (train_network.py) that AUTOMATIC1111's Lora extension shows: its name
     (ss_output_name, the output folder's), its tags with their counts over the training images (ss_tag_frequency:
-    each caption split at commas, stripped and lower-cased, kohya's rule), resolution, image count, base model,
-    network shape. Values are strings, as kohya writes them."""
+    each caption split at commas, stripped and lower-cased, kohya's rule), resolution, image count, base model (a
+    single file: its name and kohya's two hashes of it, see model_file_hashes), network shape. Values are strings, as
+    kohya writes them."""
     tags = {}
     for caption in captions_per_image:
         for tag in caption.split(","):
@@ -467,17 +668,37 @@ def kohya_metadata(args, unet, captions_per_image, dataset_label):
                 tags[tag.strip().lower()] = tags.get(tag.strip().lower(), 0) + 1
     model = args.model_id
     config = unet.peft_config["default"]
+    base_model_hashes = {}
+    if Path(model).is_file():
+        try:
+            base_model_hashes["ss_sd_model_hash"], base_model_hashes["ss_new_sd_model_hash"] = model_file_hashes(model)
+        except OSError:  # the file went away during training: its name alone, as for a folder
+            pass
     return {"ss_output_name": Path(args.output_dir).resolve().name,
             "ss_tag_frequency": json.dumps({dataset_label: tags}),
             "ss_resolution": str((args.resolution, args.resolution)),
             "ss_num_train_images": str(len(captions_per_image)),
-            "ss_sd_model_name": Path(model).name if Path(model).exists() else model,
+            "ss_sd_model_name": Path(model).name if Path(model).exists() else model, **base_model_hashes,
             "ss_base_model_version": "sd_v1", "ss_v2": "False",
             "ss_network_module": "networks.lora", "ss_network_dim": str(config.r),
             "ss_network_alpha": str(float(config.lora_alpha)), "ss_network_dropout": str(config.lora_dropout),
             "ss_network_args": json.dumps({"target_modules": sorted(config.target_modules)}),
             "ss_caption_dropout_rate": str(args.caption_dropout),
             "ss_training_comment": "quest_7_2.py: a LoRA on the UNet of a Stable Diffusion v1.x model"}
+
+
+def model_file_hashes(path):
+    """(ss_sd_model_hash, ss_new_sd_model_hash) of the base model file, as kohya's train_util.model_hash and
+    calculate_sha256 compute them: the first 8 hex digits of the SHA-256 of the 64 KiB at offset 1 MiB (A1111's old
+    model hash), and the SHA-256 of the whole file (A1111's and model sites' hash of a checkpoint)."""
+    whole, legacy = hashlib.sha256(), hashlib.sha256()
+    with open(path, "rb") as file:
+        file.seek(0x100000)
+        legacy.update(file.read(0x10000))
+        file.seek(0)
+        for block in iter(lambda: file.read(1 << 20), b""):
+            whole.update(block)
+    return legacy.hexdigest()[:8], whole.hexdigest()
 
 
 def addnet_hashes(tensors, metadata):
@@ -1326,9 +1547,8 @@ def training_validation_pipeline(args, accelerator, unet, text_encoder, vae, tok
     """For --validation-every: a pipeline around the training UNet itself (first process only), or None."""
     if not (args.validation_every and accelerator.is_main_process):
         return None
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        args.model_id, unet=accelerator.unwrap_model(unet), text_encoder=text_encoder, vae=vae, tokenizer=tokenizer,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = stable_diffusion_pipeline(args.model_id, args.model_config, unet=accelerator.unwrap_model(unet),
+                                         text_encoder=text_encoder, vae=vae, tokenizer=tokenizer)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
@@ -1356,11 +1576,9 @@ def render_during_training(pipeline, args, accelerator, unet, step):
 
 
 def render_validation_images(args, output_dir, accelerator):
-    """Each prompt without and with the LoRA, loaded from the saved file the way users load it. No safety checker:
-    it would download another ~1.2 GB for hub ids and black out images."""
-    pipeline = StableDiffusionPipeline.from_pretrained(args.model_id, dtype=weight_dtype(accelerator),
-                                                       safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False).to(accelerator.device)
+    """Each prompt without and with the LoRA, loaded from the saved file the way users load it."""
+    pipeline = stable_diffusion_pipeline(args.model_id, args.model_config,
+                                         dtype=weight_dtype(accelerator)).to(accelerator.device)
     pipeline.load_lora_weights(output_dir)
     pipeline.set_progress_bar_config(disable=True)
 
@@ -1465,6 +1683,7 @@ def main(argv=None):
     device = pick_device(args.device)
     output_dir = Path(args.output_dir)
     checkpoint = resume_checkpoint(args)  # a damaged --resume latest is found before the model loads
+    check_model_file(args.model_id, args.model_config)  # a single file's kind and configs, from its tensor list
 
     # Act 1: the images and their captions, every image decoded before the model loads (a bad file costs seconds).
     files, captions, sources = read_hub_dataset(args) if args.dataset_name else read_folder(args)
@@ -1479,7 +1698,7 @@ def main(argv=None):
     set_seed((args.seed + accelerator.process_index) % 2**32)
 
     # Act 2: the frozen model; what is fixed (text embeddings, VAE latents) is computed once and freed.
-    tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args.model_id)
+    tokenizer, text_encoder, vae, unet, noise_scheduler = load_components(args.model_id, args.model_config)
     check_model_parts_fit(tokenizer, text_encoder, vae, unet, args.model_id)
     check_resolution_fits(args.resolution, vae, args.model_id)
     text_embeddings = embed_captions(tokenizer, text_encoder, distinct_captions, accelerator.device)

@@ -231,3 +231,101 @@ def write_captioned_images(path, captions, size=(40, 40), metadata=False):
     if metadata:
         (path / "metadata.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def _ldm_unet_prefixes(config):
+    """{diffusers prefix: LDM prefix} for the blocks of a UNet2DConditionModel config: the inverse of diffusers'
+    convert_ldm_unet_checkpoint, for any number of blocks and layers (scripts/convert_diffusers_to_original_stable_
+    diffusion.py in diffusers' repo hard-codes SD v1's 4 blocks of 2 layers)."""
+    layers, count = config["layers_per_block"], len(config["down_block_types"])
+    prefixes = {"mid_block.attentions.0.": "middle_block.1.", "mid_block.resnets.0.": "middle_block.0.",
+                "mid_block.resnets.1.": "middle_block.2."}
+    for i, kind in enumerate(config["down_block_types"]):
+        for j in range(layers):
+            prefixes[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{(layers + 1) * i + j + 1}.0."
+            if "CrossAttn" in kind:
+                prefixes[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{(layers + 1) * i + j + 1}.1."
+        if i < count - 1:
+            prefixes[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(layers + 1) * (i + 1)}.0.op."
+    for i, kind in enumerate(config["up_block_types"]):
+        for j in range(layers + 1):
+            prefixes[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{(layers + 1) * i + j}.0."
+            if "CrossAttn" in kind:
+                prefixes[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{(layers + 1) * i + j}.1."
+        if i < count - 1:
+            prefixes[f"up_blocks.{i}.upsamplers.0."] = \
+                f"output_blocks.{(layers + 1) * i + layers}.{2 if 'CrossAttn' in kind else 1}."
+    return prefixes
+
+
+_LDM_UNET_TOP = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+                 "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2."}
+_LDM_UNET_RESNET = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "norm2.": "out_layers.0.",
+                    "conv2.": "out_layers.3.", "time_emb_proj.": "emb_layers.1.", "conv_shortcut.": "skip_connection."}
+_LDM_VAE_ATTENTION = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out."}
+
+
+def _replace_prefix(key, prefixes):
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    return key
+
+
+def _ldm_unet_key(key, prefixes):
+    top = _replace_prefix(key, _LDM_UNET_TOP)
+    if top != key:
+        return top
+    for old, new in prefixes.items():
+        if key.startswith(old):
+            rest = key[len(old):]
+            return new + (_replace_prefix(rest, _LDM_UNET_RESNET) if ".resnets." in old else rest)
+    raise KeyError(f"no LDM name for UNet weight {key}")
+
+
+def _ldm_vae_key(key, config):
+    """A diffusers AutoencoderKL weight's LDM name (the inverse of convert_ldm_vae_checkpoint)."""
+    count = len(config["down_block_types"])
+    part, rest = key.split(".", 1) if key.startswith(("encoder.", "decoder.")) else ("", key)
+    if not part:  # quant_conv, post_quant_conv
+        return key
+    prefixes = {"conv_norm_out.": "norm_out.", "mid_block.attentions.0.": "mid.attn_1.",
+                "mid_block.resnets.0.": "mid.block_1.", "mid_block.resnets.1.": "mid.block_2."}
+    for i in range(count):
+        prefixes[f"down_blocks.{i}.downsamplers.0."] = f"down.{i}.downsample."
+        prefixes[f"up_blocks.{i}.upsamplers.0."] = f"up.{count - 1 - i}.upsample."
+        for j in range(config["layers_per_block"] + 1):
+            prefixes[f"down_blocks.{i}.resnets.{j}."] = f"down.{i}.block.{j}."
+            prefixes[f"up_blocks.{i}.resnets.{j}."] = f"up.{count - 1 - i}.block.{j}."
+    renamed = _replace_prefix(rest, prefixes)
+    if rest.startswith("mid_block.attentions."):
+        renamed = "mid.attn_1." + _replace_prefix(rest[len("mid_block.attentions.0."):], _LDM_VAE_ATTENTION)
+    elif ".resnets." in rest:
+        renamed = renamed.replace(".conv_shortcut.", ".nin_shortcut.")
+    return f"{part}.{renamed}"
+
+
+def write_single_file(folder, path):
+    """The diffusers-format SD v1.x pipeline in `folder` as ONE safetensors file in the original (LDM) key layout, as
+    A1111, ComfyUI and model sites ship it: model.diffusion_model.* (UNet), first_stage_model.* (VAE, attention
+    projections as 1x1 convolutions), cond_stage_model.transformer.text_model.* (CLIP text encoder, with its
+    position_ids buffer like the released files). Test-only: the inverse of diffusers' convert_ldm_* key maps."""
+    import torch
+    from safetensors.torch import load_file, save_file
+    folder = Path(folder)
+    unet_config = json.loads((folder / "unet" / "config.json").read_text())
+    vae_config = json.loads((folder / "vae" / "config.json").read_text())
+    prefixes, tensors = _ldm_unet_prefixes(unet_config), {}
+    for key, tensor in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items():
+        tensors["model.diffusion_model." + _ldm_unet_key(key, prefixes)] = tensor
+    for key, tensor in load_file(folder / "vae" / "diffusion_pytorch_model.safetensors").items():
+        if ".mid_block.attentions.0.to_" in key and key.endswith(".weight"):
+            tensor = tensor.reshape(*tensor.shape, 1, 1)  # LDM's attention projections are 1x1 convolutions
+        tensors["first_stage_model." + _ldm_vae_key(key, vae_config)] = tensor
+    text_encoder = load_file(folder / "text_encoder" / "model.safetensors")
+    for key, tensor in text_encoder.items():
+        tensors["cond_stage_model.transformer.text_model." + key.removeprefix("text_model.")] = tensor
+    positions = text_encoder["embeddings.position_embedding.weight"].shape[0]
+    tensors["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(positions)[None]
+    save_file({key: tensor.contiguous() for key, tensor in tensors.items()}, str(path))
+    return Path(path)
