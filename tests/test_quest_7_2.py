@@ -752,6 +752,17 @@ def test_unloadable_model_folder_fails_cleanly_naming_it(quest, tmp_path):
     assert "could not load" in message(exit_info) and str(tmp_path) in message(exit_info)
 
 
+@pytest.mark.parametrize("width", [-5, "abc"])
+def test_a_unet_config_diffusers_cannot_build_is_one_line(quest, tiny_model, tmp_path, width):
+    """cross_attention_dim -5 makes torch raise RuntimeError inside from_pretrained, "abc" a TypeError."""
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    config = json.loads((model / "unet" / "config.json").read_text())
+    (model / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": width}))
+    with pytest.raises(SystemExit) as exit_info:
+        quest.load_components(str(model))
+    assert "could not load" in message(exit_info) and str(model) in message(exit_info)
+
+
 def test_a_model_whose_parts_do_not_fit_is_one_line_before_any_caching(quest, tiny_model, palette, tmp_path,
                                                                        one_thread):
     """A UNet that attends to text 64 wide beside a text encoder that gives 32 (as an SDXL folder's 2048 beside
