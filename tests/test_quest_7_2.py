@@ -1,7 +1,8 @@
 """quest_7_2.py (LoRA on an SD v1.x UNet): tiny runs on a tiny random pipeline, offline, and the failure paths.
 
-No hub here: build_tiny_pipeline writes a random SD v1.x-shaped pipeline with save_pretrained, as a user's
-local model folder would look. The builders live in tools/kit.py (bench/bench_lora.py uses them too).
+No hub here: build_tiny_pipeline (the tiny_sd fixture, conftest.py) writes a random SD v1.x-shaped pipeline with
+save_pretrained, as a user's local model folder would look. The builders live in tools/kit.py (bench/bench_lora.py
+uses them too).
 """
 import errno
 import hashlib
@@ -23,9 +24,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script
-from tools.kit import (build_tiny_pipeline, interrupt_script, stop_while_starting, write_captioned_images,
-                       write_palette)
+from conftest import (DEVICES, OFFLINE_ENV, REPO, assert_clean_failure, import_script, message, result_json,
+                      run_script)
+from tools.kit import interrupt_script, stop_while_starting, write_captioned_images, write_palette
 
 SCRIPT = "quest_7_2.py"
 PROMPT = "a red seal"
@@ -38,50 +39,31 @@ TINY_RUN = ["--resolution", 32, "--train-batch-size", 2, "--gradient-accumulatio
 
 # ---------------------------------------------------------------- fixtures
 @pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
-
-
-@pytest.fixture(scope="session")
-def palette(tmp_path_factory):
-    return write_palette(tmp_path_factory.mktemp("palette") / "images")
-
-
-@pytest.fixture(scope="session")
 def env():
     # One torch thread keeps the tiny runs quick on a small shared CPU (two threads per process thrash when several
     # processes share two cores). Progress bars show on a terminal only, so a failure's stderr here is its one line.
     return {"OMP_NUM_THREADS": "1"}
 
 
-def train(tiny_model, palette, out_dir, *extra, env):
-    return run_script(SCRIPT, "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", out_dir,
+def train(tiny_sd, palette, out_dir, *extra, env):
+    return run_script(SCRIPT, "--model-id", tiny_sd, "--dataset-dir", palette, "--output-dir", out_dir,
                       *TINY_RUN, *extra, cwd=out_dir.parent, env=env)
 
 
 @pytest.fixture(scope="module")
-def trained(tiny_model, palette, env, tmp_path_factory):
+def trained(tiny_sd, palette, env, tmp_path_factory):
     """The main tiny run per device, run once and shared: (out_dir, result JSON, process)."""
     runs = {}
 
     def run(device):
         if device not in runs:
             out_dir = tmp_path_factory.mktemp(f"seal-{device}") / "artist_seal"
-            proc = train(tiny_model, palette, out_dir, "--checkpointing-steps", 1, "--checkpoints-total-limit", 2,
+            proc = train(tiny_sd, palette, out_dir, "--checkpointing-steps", 1, "--checkpoints-total-limit", 2,
                          "--validation-prompts", PROMPT, "--validation-steps", 2, "--validation-every", 2,
                          "--device", device, env=env)
             runs[device] = out_dir, result_json(proc), proc
         return runs[device]
     return run
-
-
-@pytest.fixture
-def one_thread():
-    """In-process inference on one thread, for the same reason as the subprocesses'; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -92,13 +74,6 @@ def quest():
 
 def lora_weights(out_dir):
     return load_file(out_dir / "pytorch_lora_weights.safetensors")
-
-
-def message(exit_info):
-    """The one line a SystemExit raised in-process would print."""
-    text = str(exit_info.value.code)
-    assert text.startswith("error: ") and "\n" not in text, text
-    return text
 
 
 @pytest.mark.slow
@@ -178,30 +153,30 @@ def two_images(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def learned(tiny_model, two_images, env, tmp_path_factory):
+def learned(tiny_sd, two_images, env, tmp_path_factory):
     """20 steps at lr 3e-2 on the two captioned images, rank 4, alpha 8, with a trigger word: (out_dir, process)."""
     out_dir = tmp_path_factory.mktemp("learned") / "red_and_blue"
-    proc = train(tiny_model, two_images, out_dir, "--max-train-steps", 20, "--learning-rate", 3e-2, *SMALL_LORA,
+    proc = train(tiny_sd, two_images, out_dir, "--max-train-steps", 20, "--learning-rate", 3e-2, *SMALL_LORA,
                  env=env)
     result_json(proc)
     return out_dir, proc
 
 
 @pytest.mark.slow
-def test_the_lora_learns_its_captioned_images_it_lowers_their_denoising_loss(learned, tiny_model, two_images, quest,
+def test_the_lora_learns_its_captioned_images_it_lowers_their_denoising_loss(learned, tiny_sd, two_images, quest,
                                                                              one_thread):
     """On fixed noise and timesteps, the LoRA denoises its (image, caption) pairs better than the base model
     (0.97x is the bar)."""
     out_dir, proc = learned
     assert "2 images, 2 distinct captions (2 from txt)" in proc.stdout
     pairs = [(two_images / f"{name}.png", f"{TRIGGER}, {caption}") for name, (_, caption) in CAPTIONS.items()]
-    base, tuned = denoising_loss(quest, tiny_model, None, pairs), denoising_loss(quest, tiny_model, out_dir, pairs)
+    base, tuned = denoising_loss(quest, tiny_sd, None, pairs), denoising_loss(quest, tiny_sd, out_dir, pairs)
     print(f"denoising loss on the training pairs: base {base:.4f}, with the LoRA {tuned:.4f} ({tuned / base:.3f}x)")
     assert tuned < 0.97 * base, (base, tuned)
 
 
 @pytest.mark.slow
-def test_rank_alpha_and_a1111_metadata_are_in_both_files(learned, tiny_model, one_thread):
+def test_rank_alpha_and_a1111_metadata_are_in_both_files(learned, tiny_sd, one_thread):
     out_dir, _ = learned
     diffusers_file, kohya = lora_weights(out_dir), load_file(out_dir / KOHYA_FILE)
     assert {t.shape[0] for k, t in diffusers_file.items() if ".lora.down." in k} == {4}
@@ -225,7 +200,7 @@ def test_rank_alpha_and_a1111_metadata_are_in_both_files(learned, tiny_model, on
     data = (out_dir / KOHYA_FILE).read_bytes()
     assert metadata["sshs_model_hash"] == hashlib.sha256(data[8 + int.from_bytes(data[:8], "little"):]).hexdigest()
     # Both files give the same images, at the trained strength alpha / r = 2.
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipeline.set_progress_bar_config(disable=True)
     images = {}
     for name in ("pytorch_lora_weights.safetensors", KOHYA_FILE):
@@ -237,12 +212,12 @@ def test_rank_alpha_and_a1111_metadata_are_in_both_files(learned, tiny_model, on
 
 
 @pytest.mark.slow
-def test_init_lora_continues_a_finished_lora(learned, tiny_model, two_images, env, tmp_path):
+def test_init_lora_continues_a_finished_lora(learned, tiny_sd, two_images, env, tmp_path):
     """--init-lora with a learning rate too small to move anything: the saved LoRA is the finished one, and the first
     step's loss (same seed: same batch, noise and timesteps as the finished run's first step) is the finished LoRA's,
     below the base model's."""
     out_dir, _ = learned
-    proc = train(tiny_model, two_images, tmp_path / "more", "--max-train-steps", 1, "--learning-rate", 1e-12,
+    proc = train(tiny_sd, two_images, tmp_path / "more", "--max-train-steps", 1, "--learning-rate", 1e-12,
                  *SMALL_LORA, "--init-lora", out_dir, env=env)
     result_json(proc)
     continued, finished = lora_weights(tmp_path / "more"), lora_weights(out_dir)
@@ -254,14 +229,14 @@ def test_init_lora_continues_a_finished_lora(learned, tiny_model, two_images, en
 
 
 @pytest.mark.slow
-def test_init_lora_of_another_shape_is_one_line_and_the_kohya_file_loads_as_the_diffusers_file(learned, tiny_model,
+def test_init_lora_of_another_shape_is_one_line_and_the_kohya_file_loads_as_the_diffusers_file(learned, tiny_sd,
                                                                                                  quest, one_thread):
     from diffusers import UNet2DConditionModel
     out_dir, _ = learned
     args = quest.parse_args(["--output-dir", str(out_dir.parent), *map(str, SMALL_LORA)])
     loaded = {}
     for weight_name in ("pytorch_lora_weights.safetensors", KOHYA_FILE):
-        unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
         unet.add_adapter(quest.LoraConfig(**quest.lora_shape(args)))
         quest.init_lora(unet, out_dir / weight_name, args)
         loaded[weight_name] = quest.get_peft_model_state_dict(unet)
@@ -272,7 +247,7 @@ def test_init_lora_of_another_shape_is_one_line_and_the_kohya_file_loads_as_the_
                          (["--rank", "4", "--lora-alpha", "8", "--target-modules", "to_q,to_k"],
                           ["other layers", "--target-modules"])]:
         args = quest.parse_args(["--output-dir", str(out_dir.parent), *flags])
-        unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+        unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
         unet.add_adapter(quest.LoraConfig(**quest.lora_shape(args)))
         for weight_name in ("pytorch_lora_weights.safetensors", KOHYA_FILE):
             with pytest.raises(SystemExit) as exit_info:
@@ -301,11 +276,11 @@ def damage_lora(source, target, metadata=None, tensors=None):
     (KOHYA_FILE, None, {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q.alpha":
                         torch.tensor(float("nan"))}, ["lora_alpha", "positive finite"]),
 ])
-def test_a_damaged_init_lora_is_one_line(learned, tiny_model, quest, tmp_path, file_name, metadata, tensors, words):
+def test_a_damaged_init_lora_is_one_line(learned, tiny_sd, quest, tmp_path, file_name, metadata, tensors, words):
     from diffusers import UNet2DConditionModel
     out_dir, _ = learned
     args = quest.parse_args(["--output-dir", str(tmp_path), *map(str, SMALL_LORA)])
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     unet.add_adapter(quest.LoraConfig(**quest.lora_shape(args)))
     damaged = damage_lora(out_dir / file_name, tmp_path / file_name, metadata, tensors)
     with pytest.raises(SystemExit) as exit_info:
@@ -315,13 +290,13 @@ def test_a_damaged_init_lora_is_one_line(learned, tiny_model, quest, tmp_path, f
 
 
 @pytest.mark.slow
-def test_lora_reloads_at_trained_strength_and_infers_deterministically(trained, tiny_model, one_thread):
+def test_lora_reloads_at_trained_strength_and_infers_deterministically(trained, tiny_sd, one_thread):
     out_dir, _, _ = trained("cpu")
     with safe_open(out_dir / "pytorch_lora_weights.safetensors", "pt") as file:
         metadata = json.loads(file.metadata()["lora_adapter_metadata"])
     assert metadata["unet.r"] == 16 and metadata["unet.lora_alpha"] == 32
 
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipeline.set_progress_bar_config(disable=True)
 
     def render():
@@ -347,7 +322,7 @@ def test_lora_reloads_at_trained_strength_and_infers_deterministically(trained, 
 
 
 @pytest.mark.slow
-def test_kohya_file_has_the_a1111_layout_and_loads_to_the_same_images(trained, tiny_model, one_thread):
+def test_kohya_file_has_the_a1111_layout_and_loads_to_the_same_images(trained, tiny_sd, one_thread):
     """The file for AUTOMATIC1111/Forge/ComfyUI: kohya key names with a per-module alpha = lora_alpha, and diffusers'
     own kohya converter loads it to the same images as the diffusers file."""
     out_dir, _, _ = trained("cpu")
@@ -364,7 +339,7 @@ def test_kohya_file_has_the_a1111_layout_and_loads_to_the_same_images(trained, t
         kohya[f"{example}.lora_down.weight"],
         diffusers_file["unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_out.0.lora.down.weight"])
 
-    pipeline = StableDiffusionPipeline.from_pretrained(tiny_model)
+    pipeline = StableDiffusionPipeline.from_pretrained(tiny_sd)
     pipeline.set_progress_bar_config(disable=True)
 
     def render():
@@ -382,12 +357,12 @@ def test_kohya_file_has_the_a1111_layout_and_loads_to_the_same_images(trained, t
 
 
 @pytest.mark.slow
-def test_resume_mid_epoch_without_the_cache_gives_the_uninterrupted_run(trained, tiny_model, palette, env, tmp_path):
+def test_resume_mid_epoch_without_the_cache_gives_the_uninterrupted_run(trained, tiny_sd, palette, env, tmp_path):
     """Resumed from checkpoint-3 of the cached run, with the live VAE and gradient checkpointing: the same weights as
     the uninterrupted run. So resuming restores every RNG and the data order, cached posteriors (both flips) and the
     live VAE draw the same random numbers, and gradient checkpointing recomputes the same activations."""
     out_dir, _, _ = trained("cpu")
-    proc = train(tiny_model, palette, tmp_path / "resumed", "--resume", out_dir / "checkpoint-3", "--no-cache-latents",
+    proc = train(tiny_sd, palette, tmp_path / "resumed", "--resume", out_dir / "checkpoint-3", "--no-cache-latents",
                  "--gradient-checkpointing", "--device", "cpu", env=env)
     assert result_json(proc)["steps"] == 4
     resumed, uninterrupted = lora_weights(tmp_path / "resumed"), lora_weights(out_dir)
@@ -399,13 +374,13 @@ def test_resume_mid_epoch_without_the_cache_gives_the_uninterrupted_run(trained,
 
 
 @pytest.mark.slow
-def test_two_processes_write_the_lora_once(tiny_model, palette, env, tmp_path):
+def test_two_processes_write_the_lora_once(tiny_sd, palette, env, tmp_path):
     """torchrun really starts two CPU processes (gloo); only rank 0 writes. 4 images, 1 per process and step: one
     epoch is 2 optimizer steps of an effective batch of 2. Min-SNR, the noise offset, caption dropout and a trigger
     word run along."""
     out_dir = tmp_path / "seal"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(REPO / SCRIPT),
-               "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", out_dir, "--device", "cpu",
+               "--model-id", tiny_sd, "--dataset-dir", palette, "--output-dir", out_dir, "--device", "cpu",
                "--resolution", 32, "--train-batch-size", 1, "--gradient-accumulation-steps", 1,
                "--max-train-steps", 2, "--learning-rate", 1e-2, "--checkpointing-steps", 2,
                "--snr-gamma", 5, "--noise-offset", 0.05, "--caption-dropout", 0.5, "--trigger-word", "zq"]
@@ -753,9 +728,9 @@ def test_unloadable_model_folder_fails_cleanly_naming_it(quest, tmp_path):
 
 
 @pytest.mark.parametrize("width", [-5, "abc"])
-def test_a_unet_config_diffusers_cannot_build_is_one_line(quest, tiny_model, tmp_path, width):
+def test_a_unet_config_diffusers_cannot_build_is_one_line(quest, tiny_sd, tmp_path, width):
     """cross_attention_dim -5 makes torch raise RuntimeError inside from_pretrained, "abc" a TypeError."""
-    model = shutil.copytree(tiny_model, tmp_path / "model")
+    model = shutil.copytree(tiny_sd, tmp_path / "model")
     config = json.loads((model / "unet" / "config.json").read_text())
     (model / "unet" / "config.json").write_text(json.dumps({**config, "cross_attention_dim": width}))
     with pytest.raises(SystemExit) as exit_info:
@@ -763,13 +738,13 @@ def test_a_unet_config_diffusers_cannot_build_is_one_line(quest, tiny_model, tmp
     assert "could not load" in message(exit_info) and str(model) in message(exit_info)
 
 
-def test_a_model_whose_parts_do_not_fit_is_one_line_before_any_caching(quest, tiny_model, palette, tmp_path,
+def test_a_model_whose_parts_do_not_fit_is_one_line_before_any_caching(quest, tiny_sd, palette, tmp_path,
                                                                        one_thread):
     """A UNet that attends to text 64 wide beside a text encoder that gives 32 (as an SDXL folder's 2048 beside
     CLIP-L's 768): refused right after loading, not 79 lines of traceback after caching the latents."""
     from diffusers import UNet2DConditionModel
-    model = shutil.copytree(tiny_model, tmp_path / "mixed-model", ignore=shutil.ignore_patterns("unet"))
-    config = UNet2DConditionModel.load_config(Path(tiny_model) / "unet")
+    model = shutil.copytree(tiny_sd, tmp_path / "mixed-model", ignore=shutil.ignore_patterns("unet"))
+    config = UNet2DConditionModel.load_config(Path(tiny_sd) / "unet")
     UNet2DConditionModel.from_config({**config, "cross_attention_dim": 64}).save_pretrained(model / "unet")
     with pytest.raises(SystemExit) as exit_info:
         quest.main(["--model-id", str(model), "--dataset-dir", str(palette), "--output-dir", str(tmp_path / "seal"),
@@ -780,7 +755,7 @@ def test_a_model_whose_parts_do_not_fit_is_one_line_before_any_caching(quest, ti
 
 
 @pytest.mark.slow
-def test_the_result_comes_last_and_a_failed_validation_leaves_no_success(trained, tiny_model, palette, quest, tmp_path,
+def test_the_result_comes_last_and_a_failed_validation_leaves_no_success(trained, tiny_sd, palette, quest, tmp_path,
                                                                           monkeypatch, capsys, one_thread):
     """Resumed for its last step with new captions (a note says so), then validation fails (out of memory, as on a
     small GPU): one line, no result.json (the earlier run's, which described the replaced LoRA, is gone), no JSON line;
@@ -794,7 +769,7 @@ def test_the_result_comes_last_and_a_failed_validation_leaves_no_success(trained
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
     monkeypatch.setattr(quest, "render_validation_images", out_of_memory)
     with pytest.raises(SystemExit) as exit_info:
-        quest.main(["--model-id", str(tiny_model), "--dataset-dir", str(palette), "--output-dir", str(seal),
+        quest.main(["--model-id", str(tiny_sd), "--dataset-dir", str(palette), "--output-dir", str(seal),
                     *map(str, TINY_RUN[:-2]), "--train-prompt", "new captions", "--resume", "latest",
                     "--validation-prompts", PROMPT, "--device", "cpu"])
     for word in ("validation images could not be rendered", "out of memory", "result.json"):
@@ -806,12 +781,12 @@ def test_the_result_comes_last_and_a_failed_validation_leaves_no_success(trained
 
 
 @pytest.mark.slow
-def test_a_full_disk_keeps_the_old_lora_and_leaves_no_temp_file(trained, tiny_model, quest, tmp_path, monkeypatch):
+def test_a_full_disk_keeps_the_old_lora_and_leaves_no_temp_file(trained, tiny_sd, quest, tmp_path, monkeypatch):
     out_dir, _, _ = trained("cpu")
     shutil.copy(out_dir / "pytorch_lora_weights.safetensors", tmp_path)
     before = (tmp_path / "pytorch_lora_weights.safetensors").read_bytes()
     from diffusers import UNet2DConditionModel
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     unet.add_adapter(quest.LoraConfig(**quest.lora_shape(quest.parse_args(["--output-dir", str(tmp_path)]))))
 
     def full_disk(fd):
@@ -825,14 +800,14 @@ def test_a_full_disk_keeps_the_old_lora_and_leaves_no_temp_file(trained, tiny_mo
 
 
 @pytest.mark.slow
-def test_one_step_to_infinity_stops_naming_the_learning_rate_and_changes_no_earlier_output(trained, tiny_model,
+def test_one_step_to_infinity_stops_naming_the_learning_rate_and_changes_no_earlier_output(trained, tiny_sd,
                                                                                           palette, env, tmp_path):
     """lr 1e30 for one step: the loss (computed before the step) is finite, the weights after it are not usable. An
     earlier good run's files stay byte-identical."""
     out_dir, _, _ = trained("cpu")
     seal = shutil.copytree(out_dir, tmp_path / "seal", ignore=shutil.ignore_patterns("checkpoint-*", "validation*"))
     before = {path: path.read_bytes() for path in seal.rglob("*") if path.is_file()}
-    proc = run_script(SCRIPT, "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", seal,
+    proc = run_script(SCRIPT, "--model-id", tiny_sd, "--dataset-dir", palette, "--output-dir", seal,
                       *TINY_RUN[:-6], "--max-train-steps", 1, "--learning-rate", 1e30, "--train-prompt", PROMPT,
                       "--device", "cpu", cwd=tmp_path, env=env)
     assert_clean_failure(proc, "--learning-rate", "step 1", "nothing was written")
@@ -936,7 +911,7 @@ class CreatesAFile:
 
 
 @pytest.mark.slow
-def test_resume_from_another_architecture_is_one_line(trained, tiny_model, quest, tmp_path):
+def test_resume_from_another_architecture_is_one_line(trained, tiny_sd, quest, tmp_path):
     from accelerate import Accelerator
     from diffusers import UNet2DConditionModel
     out_dir, _, _ = trained("cpu")
@@ -946,7 +921,7 @@ def test_resume_from_another_architecture_is_one_line(trained, tiny_model, quest
     weights[first] = torch.zeros(16, weights[first].shape[1] * 2)  # a wider layer: another model's LoRA
     save_file(weights, checkpoint / "pytorch_lora_weights.safetensors")
     args = quest.parse_args(["--resume", str(checkpoint), "--output-dir", str(tmp_path / "seal")])
-    unet = UNet2DConditionModel.from_pretrained(tiny_model, subfolder="unet")
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet")
     unet.add_adapter(quest.LoraConfig(**quest.lora_shape(args)))
     with pytest.raises(SystemExit) as exit_info:  # refused before anything is loaded into the UNet or optimizer
         quest.resume(checkpoint, args, Accelerator(cpu=True), unet, optimizer=None)
@@ -954,12 +929,12 @@ def test_resume_from_another_architecture_is_one_line(trained, tiny_model, quest
 
 
 @pytest.mark.slow
-def test_sigterm_like_ctrl_c_names_the_checkpoint_to_resume_from(tiny_model, palette, env, tmp_path):
+def test_sigterm_like_ctrl_c_names_the_checkpoint_to_resume_from(tiny_sd, palette, env, tmp_path):
     """SIGTERM (what `timeout` or a scheduler sends) mid-training; Ctrl-C takes the same path (exit_interrupted), and
     both are sent for real while the libraries load (below)."""
     sig, code = signal.SIGTERM, 143
     out_dir = tmp_path / "seal"
-    proc = interrupt_script(SCRIPT, "--model-id", tiny_model, "--dataset-dir", palette, "--output-dir", out_dir,
+    proc = interrupt_script(SCRIPT, "--model-id", tiny_sd, "--dataset-dir", palette, "--output-dir", out_dir,
                             *TINY_RUN[:6], "--max-train-steps", 100_000, "--checkpointing-steps", 2, "--device", "cpu",
                             ready="saved ", cwd=tmp_path, env=env, sig=sig)
     assert proc.returncode == code, proc.stderr

@@ -18,8 +18,8 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from conftest import OFFLINE_ENV, REPO, import_script, result_json
-from tools.kit import build_tiny_pipeline, write_palette, write_single_file
+from conftest import OFFLINE_ENV, REPO, import_script, message, result_json
+from tools.kit import write_single_file
 
 SCRIPT = "quest_7_2.py"
 KOHYA_FILE = "lora_kohya_for_a1111_forge_comfyui.safetensors"
@@ -34,33 +34,8 @@ def quest():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    return build_tiny_pipeline(tmp_path_factory.mktemp("tiny-sd") / "model")
-
-
-@pytest.fixture(scope="module")
-def single_file(tiny_model, tmp_path_factory):
-    return write_single_file(tiny_model, tmp_path_factory.mktemp("single") / "my-model-v1.safetensors")
-
-
-@pytest.fixture(scope="module")
-def palette(tmp_path_factory):
-    return write_palette(tmp_path_factory.mktemp("palette") / "images")
-
-
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def message(exit_info):
-    """The one line a SystemExit raised in-process would print."""
-    text = str(exit_info.value.code)
-    assert text.startswith("error: ") and "\n" not in text, text
-    return text
+def single_file(tiny_sd, tmp_path_factory):
+    return write_single_file(tiny_sd, tmp_path_factory.mktemp("single") / "my-model-v1.safetensors")
 
 
 def weights(model):
@@ -92,7 +67,7 @@ def write_ckpt(path, state_dict, **extra):
 
 
 # ---------------------------------------------------------------- the file and what loads from it
-def test_write_single_file_is_the_ldm_layout_and_diffusers_loads_it_to_the_folders_weights(tiny_model, single_file):
+def test_write_single_file_is_the_ldm_layout_and_diffusers_loads_it_to_the_folders_weights(tiny_sd, single_file):
     with safe_open(single_file, "pt") as file:
         names = set(file.keys())
     for name in ("model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.middle_block.1.proj_in.weight",
@@ -100,20 +75,20 @@ def test_write_single_file_is_the_ldm_layout_and_diffusers_loads_it_to_the_folde
                  "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight"):
         assert name in names, name
     assert not any(name.startswith(("unet.", "vae.", "text_encoder.", "down_blocks.")) for name in names)
-    folder = StableDiffusionPipeline.from_pretrained(tiny_model)
-    from_file = StableDiffusionPipeline.from_single_file(str(single_file), config=str(tiny_model))
+    folder = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    from_file = StableDiffusionPipeline.from_single_file(str(single_file), config=str(tiny_sd))
     for part in ("unet", "vae", "text_encoder"):
         assert_same_weights(weights(getattr(from_file, part)), weights(getattr(folder, part)))
 
 
-def test_the_script_loads_the_file_and_a_lightning_ckpt_to_the_folders_model(quest, tiny_model, single_file, tmp_path):
+def test_the_script_loads_the_file_and_a_lightning_ckpt_to_the_folders_model(quest, tiny_sd, single_file, tmp_path):
     """The UNet, VAE and text encoder (and tokenizer, scheduler) the script trains on are the folder's, from the
     .safetensors file and from a .ckpt shaped like the released ones (read without unpickling any code)."""
-    reference = quest.load_components(str(tiny_model))
+    reference = quest.load_components(str(tiny_sd))
     ckpt = write_ckpt(tmp_path / "my-model-v1.ckpt", load_file(single_file))
     for path in (single_file, ckpt):
-        quest.check_model_file(str(path), str(tiny_model))
-        tokenizer, *models, scheduler = quest.load_components(str(path), str(tiny_model))
+        quest.check_model_file(str(path), str(tiny_sd))
+        tokenizer, *models, scheduler = quest.load_components(str(path), str(tiny_sd))
         for found, expected in zip(models, reference[1:4]):
             assert_same_weights(weights(found), weights(expected))
             assert not any(p.requires_grad for p in found.parameters())
@@ -123,15 +98,15 @@ def test_the_script_loads_the_file_and_a_lightning_ckpt_to_the_folders_model(que
     half = tmp_path / "my-model-v1-fp16.safetensors"
     save_file({key: tensor.half() if tensor.is_floating_point() else tensor
                for key, tensor in load_file(single_file).items()}, half)
-    quest.check_model_file(str(half), str(tiny_model))
-    for found, expected in zip(quest.load_components(str(half), str(tiny_model))[1:4], reference[1:4]):
+    quest.check_model_file(str(half), str(tiny_sd))
+    for found, expected in zip(quest.load_components(str(half), str(tiny_sd))[1:4], reference[1:4]):
         assert {p.dtype for p in found.parameters()} == {torch.float32}
         assert_same_weights(weights(found), {key: t.half().float() for key, t in weights(expected).items()})
 
 
 # ---------------------------------------------------------------- training from the file
 @pytest.fixture(scope="module")
-def runs(quest, tiny_model, single_file, palette, tmp_path_factory):
+def runs(quest, tiny_sd, single_file, palette, tmp_path_factory):
     """The same tiny run (same seed) from the folder and from the file, in-process: {'folder'|'file': output dir}. The
     file's run also keeps checkpoints and renders validation images (base model left, LoRA right) during training and
     from the file at the end."""
@@ -139,8 +114,8 @@ def runs(quest, tiny_model, single_file, palette, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for source, model in (("folder", [str(tiny_model)]),
-                              ("file", [str(single_file), "--model-config", str(tiny_model),
+        for source, model in (("folder", [str(tiny_sd)]),
+                              ("file", [str(single_file), "--model-config", str(tiny_sd),
                                         "--validation-prompts", PROMPT, "--validation-steps", "2",
                                         "--validation-every", "2", "--checkpointing-steps", "1"])):
             folders[source] = tmp_path_factory.mktemp(source) / "seal"
@@ -165,10 +140,10 @@ def test_the_same_seed_trains_the_same_lora_from_the_file_as_from_the_folder(run
     assert (runs["file"] / "validation_0.png").is_file() and (runs["file"] / "validation" / "step-2_0.png").is_file()
 
 
-def test_resume_and_init_lora_work_from_the_file(quest, runs, single_file, tiny_model, palette, tmp_path, one_thread):
+def test_resume_and_init_lora_work_from_the_file(quest, runs, single_file, tiny_sd, palette, tmp_path, one_thread):
     """--resume from the file run's checkpoint-1 ends at its LoRA; --init-lora with its LoRA and a learning rate too
     small to move anything saves that LoRA again."""
-    common = ["--model-id", str(single_file), "--model-config", str(tiny_model), "--dataset-dir", str(palette),
+    common = ["--model-id", str(single_file), "--model-config", str(tiny_sd), "--dataset-dir", str(palette),
               *TINY_RUN]
     quest.main([*common, "--output-dir", str(tmp_path / "resumed"), "--resume", str(runs["file"] / "checkpoint-1")])
     quest.main([*common, "--output-dir", str(tmp_path / "continued"), "--init-lora", str(runs["file"]),
@@ -193,18 +168,18 @@ def cache_as_default_config(quest, folder, hub):
     return hub
 
 
-def test_without_model_config_diffusers_default_is_used_and_named(quest, single_file, tiny_model, tmp_path,
+def test_without_model_config_diffusers_default_is_used_and_named(quest, single_file, tiny_sd, tmp_path,
                                                                   monkeypatch, capsys):
     """No --model-config: the configs and tokenizer of diffusers' default for SD v1.x files, from the Hugging Face cache
     (offline here; online they are fetched, without weights), and the run says which."""
     import huggingface_hub.constants
-    cache_as_default_config(quest, tiny_model, tmp_path / "hub")
+    cache_as_default_config(quest, tiny_sd, tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     quest.check_model_file(str(single_file), None)
     _, text_encoder, _, unet, _ = quest.load_components(str(single_file))
     assert f"configs and tokenizer of {quest.SD_V1_CONFIG}, diffusers' default" in capsys.readouterr().out
-    reference = quest.load_components(str(tiny_model))
+    reference = quest.load_components(str(tiny_sd))
     assert_same_weights(weights(unet), weights(reference[3]))
     assert_same_weights(weights(text_encoder), weights(reference[1]))
     # --validation-every's pipeline around the training parts: the cached configs (no weights) give the rest.
@@ -228,8 +203,8 @@ def test_the_kohya_metadata_names_the_file_with_kohyas_hashes_of_it(runs, single
         assert not {"ss_sd_model_hash", "ss_new_sd_model_hash"} & set(file.metadata())
 
 
-def test_the_kohya_file_loads_onto_the_single_file_model_to_the_same_images(runs, tiny_model, single_file, one_thread):
-    pipeline = StableDiffusionPipeline.from_single_file(str(single_file), config=str(tiny_model), safety_checker=None,
+def test_the_kohya_file_loads_onto_the_single_file_model_to_the_same_images(runs, tiny_sd, single_file, one_thread):
+    pipeline = StableDiffusionPipeline.from_single_file(str(single_file), config=str(tiny_sd), safety_checker=None,
                                                         requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     images = {}
@@ -280,11 +255,11 @@ CASES = ["sdxl", "sd2", "lora", "vae", "unet-only", "truncated", "text", "trunca
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_a_file_that_is_not_an_sd_v1_checkpoint_is_one_line_before_anything_loads(quest, single_file, tiny_model,
+def test_a_file_that_is_not_an_sd_v1_checkpoint_is_one_line_before_anything_loads(quest, single_file, tiny_sd,
                                                                                    palette, tmp_path, case):
     path, words = bad_files(single_file, tmp_path)[case]
     with pytest.raises(SystemExit) as exit_info:
-        quest.main(["--model-id", str(path), "--model-config", str(tiny_model), "--dataset-dir", str(palette),
+        quest.main(["--model-id", str(path), "--model-config", str(tiny_sd), "--dataset-dir", str(palette),
                     "--output-dir", str(tmp_path / "out")])
     line = message(exit_info)
     assert str(path) in line
@@ -293,7 +268,7 @@ def test_a_file_that_is_not_an_sd_v1_checkpoint_is_one_line_before_anything_load
     assert not (tmp_path / "out").exists()
 
 
-def test_a_ckpt_whose_pickle_would_run_code_is_refused_without_running_it(quest, single_file, tiny_model, palette,
+def test_a_ckpt_whose_pickle_would_run_code_is_refused_without_running_it(quest, single_file, tiny_sd, palette,
                                                                          tmp_path):
     marker = tmp_path / "code-ran"
 
@@ -303,7 +278,7 @@ def test_a_ckpt_whose_pickle_would_run_code_is_refused_without_running_it(quest,
 
     path = write_ckpt(tmp_path / "model.ckpt", load_file(single_file), ema=RunsCode())
     with pytest.raises(SystemExit) as exit_info:
-        quest.main(["--model-id", str(path), "--model-config", str(tiny_model), "--dataset-dir", str(palette),
+        quest.main(["--model-id", str(path), "--model-config", str(tiny_sd), "--dataset-dir", str(palette),
                     "--output-dir", str(tmp_path / "out")])
     line = message(exit_info)
     assert "would run code" in line and "system" in line and ".safetensors" in line
@@ -311,13 +286,13 @@ def test_a_ckpt_whose_pickle_would_run_code_is_refused_without_running_it(quest,
     assert not (tmp_path / "out").exists()
 
 
-def test_model_config_that_does_not_fit_the_file_is_one_line(quest, single_file, tiny_model, palette, tmp_path):
+def test_model_config_that_does_not_fit_the_file_is_one_line(quest, single_file, tiny_sd, palette, tmp_path):
     """A config folder of another architecture (here: 2 layers per block, not 1), or one that is not a diffusers
     folder, is refused from the file's tensor list; loading then would fail or leave weights unused."""
     other = tmp_path / "other-config"
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
         (other / part).mkdir(parents=True)
-        for file in (tiny_model / part).glob("*.json"):
+        for file in (tiny_sd / part).glob("*.json"):
             (other / part / file.name).write_text(file.read_text())
     config = json.loads((other / "unet" / "config.json").read_text())
     (other / "unet" / "config.json").write_text(json.dumps({**config, "layers_per_block": 2}))
@@ -333,7 +308,7 @@ def test_model_config_that_does_not_fit_the_file_is_one_line(quest, single_file,
         quest.load_components(str(single_file), str(other))
     assert "could not build" in message(exit_info) and "--model-config" in message(exit_info)
     with pytest.raises(SystemExit) as exit_info:  # a folder brings its own configs
-        quest.parse_args(["--model-id", str(tiny_model), "--model-config", str(other), "--output-dir",
+        quest.parse_args(["--model-id", str(tiny_sd), "--model-config", str(other), "--output-dir",
                           str(tmp_path / "out")])
     assert "drop --model-config" in message(exit_info)
     assert not (tmp_path / "out").exists()
@@ -353,10 +328,10 @@ def test_offline_without_model_config_says_what_to_pass(quest, single_file, pale
 
 
 @pytest.mark.slow
-def test_torchrun_trains_from_the_file_and_says_which_configs_once(quest, single_file, tiny_model, palette, tmp_path):
+def test_torchrun_trains_from_the_file_and_says_which_configs_once(quest, single_file, tiny_sd, palette, tmp_path):
     """Two CPU processes on the file, without --model-config (diffusers' default configs from the cache, offline):
     the run names the configs once and writes the LoRA once."""
-    hub = cache_as_default_config(quest, tiny_model, tmp_path / "hub")
+    hub = cache_as_default_config(quest, tiny_sd, tmp_path / "hub")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / SCRIPT),
                "--model-id", single_file, "--dataset-dir", palette, "--output-dir", tmp_path / "seal",
