@@ -69,7 +69,7 @@ try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
     from accelerate import Accelerator, DataLoaderConfiguration, init_empty_weights
     from accelerate.utils import set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS
+    from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, SingleFileComponentError
     from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
     from diffusers.training_utils import cast_training_params, compute_snr
     from diffusers.utils import convert_state_dict_to_diffusers, convert_unet_state_dict_to_peft
@@ -307,7 +307,8 @@ def check_args(args):
     for name, value in vars(args).items():  # flags and --config values alike
         for index, item in enumerate(value if isinstance(value, list) else [value], start=1):
             if isinstance(item, str):
-                check_text(item, "--" + name.replace("_", "-") + (f" (item {index})" if isinstance(value, list) else ""))
+                where = "--" + name.replace("_", "-") + (f" (item {index})" if isinstance(value, list) else "")
+                check_text(item, where)
     for flag in ("--output-dir", "--dataset-dir"):  # their folder names go into the kohya file's metadata
         check_text(os.path.realpath(getattr(args, flag[2:].replace("-", "_"))), f"the full path of {flag}")
     if len(args.validation_prompts) > MAX_VALIDATION_PROMPTS:
@@ -357,7 +358,7 @@ def load_components(model_id, model_config=None):
             tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
     # A config value diffusers cannot build from (cross_attention_dim -5 or "abc", JSON nested too deeply) raises
     # RuntimeError (RecursionError is one) or TypeError.
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as err:
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, SingleFileComponentError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if is_single_file(model_id):  # the file and the configs' sizes were checked: a shape that differs is left
             fail(f"could not build {model_id} with the configs of {model_config or SD_V1_CONFIG} ({reason[:200]}); "
@@ -419,154 +420,9 @@ def stable_diffusion_pipeline(model_id, model_config=None, **parts):
     config_dir = model_config_dir(model_config)
     if all(parts.get(name) is not None for name in ("unet", "vae", "text_encoder")):
         return StableDiffusionPipeline.from_pretrained(config_dir, **options)  # the scheduler and tokenizer only
-    with torch.serialization.safe_globals(CKPT_ALLOWED_CLASSES):  # a .ckpt is read by torch's weights-only unpickler
+    with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):  # a .ckpt is read by torch's weights-only unpickler
         return StableDiffusionPipeline.from_single_file(model_id, config=str(config_dir), local_files_only=True,
                                                         **options)
-
-
-class LightningCallbackName:
-    """SD .ckpt files written by the original (PyTorch Lightning) training code may name pytorch_lightning's
-    ModelCheckpoint class in their callback state. torch's weights-only unpickler maps that one name to this empty
-    class (AUTOMATIC1111's modules/safe.py allows the same name): pytorch_lightning is never imported, and any other
-    code a pickle names is refused."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-
-CKPT_ALLOWED_CLASSES = [(LightningCallbackName, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
-
-
-def read_ckpt(path):
-    """A .ckpt's state dict, unpickled by torch's weights-only unpickler (tensors and plain containers; memory-mapped
-    when it is a zip): a pickle that would call code is refused, naming what it would call."""
-    try:
-        with torch.serialization.safe_globals(CKPT_ALLOWED_CLASSES):
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as err:
-        called = re.search(r"GLOBAL ([\w.]+)", str(err))
-        fail(f"--model-id {path} is a .ckpt whose pickle would run code ({called[1] if called else 'not weights'}), "
-             "so it was not loaded; use the model's .safetensors file, or a .ckpt from a source you trust")
-    except Exception as err:  # noqa: BLE001 - a truncated zip, a text file, an old pickle: several types
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        fail(f"--model-id {path} does not load as a .ckpt ({reason}): truncated, or not a PyTorch checkpoint; "
-             "download it again or pass the model's .safetensors file")
-    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
-        checkpoint = checkpoint["state_dict"]  # Lightning's files keep the weights under state_dict
-    return checkpoint if isinstance(checkpoint, dict) else {}
-
-
-def checkpoint_shapes(path):
-    """{tensor name: shape} of a single-file checkpoint: a .safetensors file's header alone (no weight is read), or the
-    tensors of a .ckpt read by read_ckpt. Anything unreadable ends in one line."""
-    path = Path(path)
-    if not path.is_file():
-        fail(f"--model-id {path} is not a file; pass the path of your model's .safetensors or .ckpt file, a diffusers "
-             "folder or a hub id")
-    if path.suffix.lower() == ".ckpt":
-        return {key: tuple(value.shape) for key, value in read_ckpt(path).items() if isinstance(value, torch.Tensor)}
-    try:
-        with safe_open(path, "pt") as file:
-            return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
-    except Exception as err:  # noqa: BLE001 - safetensors reports a bad header, a short file, ... as several types
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-        fail(f"--model-id {path} is not a readable safetensors file ({reason}): truncated, or not a model at all; "
-             "download it again or pass another file")
-
-
-def not_sd_v1(shapes):
-    """Why a single file's tensors are not an SD v1.x checkpoint in the original (LDM) layout, saying what it looks
-    like, or None. The names are the ones diffusers' single_file_utils and A1111 tell the model families by."""
-    def has(prefix):
-        return any(name.startswith(prefix) for name in shapes)
-
-    if any(name.startswith(("lora_unet_", "lora_te")) or re.search(r"\.(lora_down|lora_A|lora\.down)\.", name)
-           for name in shapes):
-        return ("is a LoRA, not a model; pass the base model as --model-id (and the LoRA as --init-lora to keep "
-                "training it)")
-    if has("conditioner.embedders."):
-        return ("looks like an SDXL checkpoint (conditioner.embedders.*); this quest trains SD v1.x: pass an SD v1.x "
-                "file such as v1-5-pruned-emaonly.safetensors")
-    if has("cond_stage_model.model."):
-        return ("looks like an SD 2.x checkpoint (an OpenCLIP text encoder, cond_stage_model.model.*); this quest "
-                "trains SD v1.x: pass an SD v1.x file such as v1-5-pruned-emaonly.safetensors")
-    if not has("model.diffusion_model."):
-        if has("encoder.conv_in.") and has("decoder.conv_out."):
-            return "is a VAE alone; pass the whole SD v1.x checkpoint as --model-id (the VAE is inside it)"
-        return ("holds no SD UNet (no model.diffusion_model.* tensors); pass an SD v1.x checkpoint in the original "
-                "layout (A1111's, ComfyUI's), or a diffusers folder holding unet/, vae/ and text_encoder/")
-    missing = [what for prefix, what in (("first_stage_model.", "VAE (first_stage_model.*)"),
-                                         ("cond_stage_model.transformer.", "CLIP text encoder "
-                                                                           "(cond_stage_model.transformer.*)"))
-               if not has(prefix)]
-    if missing:
-        return (f"holds a UNet but no {' and no '.join(missing)}; pass a complete SD v1.x checkpoint (UNet, VAE and "
-                "text encoder in one file)")
-    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", ())
-    if len(conv_in) == 4 and conv_in[1] != 4:
-        return (f"has a UNet with {conv_in[1]} input channels (an inpainting or instruct-pix2pix model); this quest "
-                "trains text-to-image SD v1.x models, which take 4")
-    return None
-
-
-def model_config_dir(model_config):
-    """The folder whose configs and tokenizer a single-file model is built with: --model-config's folder, or its hub id
-    (or, without it, diffusers' default SD_V1_CONFIG) fetched without weights into the Hugging Face cache."""
-    if model_config is not None and Path(model_config).is_dir():
-        return Path(model_config)
-    repo = model_config or SD_V1_CONFIG
-    try:
-        return Path(snapshot_download(repo, allow_patterns=CONFIG_FILES))
-    except (OSError, ValueError) as err:  # offline and not cached, no network, an unknown or malformed id
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")[:160]
-        if model_config is not None:
-            fail(f"--model-config {model_config} is neither a folder nor a hub id that could be fetched ({reason}); "
-                 "pass a diffusers-format SD v1.x folder")
-        fail(f"a single-file --model-id needs the configs and tokenizer of SD v1.x, and diffusers' default, "
-             f"{repo}, is not cached and could not be fetched ({reason}); pass --model-config DIR, a diffusers-format "
-             f"SD v1.x folder (weights not needed: `hf download {repo} --include '*.json' --include '*.txt' "
-             "--local-dir sd15-config` where there is network)")
-
-
-def config_misfit(shapes, config_dir):
-    """Why the configs in config_dir build a UNet, VAE or text encoder of another size than the file's weights, or
-    None: tensors and numbers counted per part, the models built on the meta device (nothing is allocated)."""
-    parts = (("unet", "model.diffusion_model.", UNet2DConditionModel), ("vae", "first_stage_model.", AutoencoderKL),
-             ("text_encoder", "cond_stage_model.transformer.", CLIPTextModel))
-    for part, prefix, model_class in parts:
-        try:
-            with init_empty_weights():
-                config = (CLIPTextConfig.from_pretrained(config_dir, subfolder=part) if part == "text_encoder"
-                          else model_class.load_config(config_dir, subfolder=part))
-                model = model_class(config) if part == "text_encoder" else model_class.from_config(config)
-        except (OSError, ValueError, TypeError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
-            return f"is not a diffusers-format SD v1.x folder ({part}: {reason})"
-        expected = [tensor.numel() for tensor in model.state_dict().values()]
-        found = [math.prod(shape) for name, shape in shapes.items()
-                 if name.startswith(prefix) and not name.endswith(".position_ids")]  # a buffer, not a weight
-        if (len(found), sum(found)) != (len(expected), sum(expected)):
-            return (f"builds a {part} of {len(expected)} tensors ({sum(expected):,} numbers), the file holds "
-                    f"{len(found)} ({sum(found):,})")
-    return None
-
-
-def check_model_file(model_id, model_config):
-    """Before anything is loaded: a single-file --model-id must be an SD v1.x checkpoint, read from its tensor list, and
-    its configs (--model-config, or diffusers' default) must fit its weights. A hub id or folder is loaded as it is."""
-    if not is_single_file(model_id):
-        return
-    if Path(model_id).suffix.lower() not in SINGLE_FILE_SUFFIXES:
-        fail(f"--model-id {model_id} is a file but neither .safetensors nor .ckpt; pass an SD v1.x checkpoint file "
-             "(A1111's, ComfyUI's), a diffusers folder or a hub id")
-    shapes = checkpoint_shapes(model_id)
-    problem = not_sd_v1(shapes)
-    if problem:
-        fail(f"--model-id {model_id} {problem}")
-    misfit = config_misfit(shapes, model_config_dir(model_config))
-    if misfit:
-        fail(f"--model-config {model_config or SD_V1_CONFIG} {misfit}; pass --model-config with the diffusers-format "
-             f"folder of the SD v1.x model {Path(model_id).name} was made from")
 
 
 def check_resolution_fits(resolution, vae, model_id):
@@ -1262,29 +1118,15 @@ def marker_problem(marker, step):
     return f"has a wrong or missing '{wrong[0]}'" if wrong else None
 
 
-# What np.random.get_state() pickles into (accelerate keeps it in random_states_<rank>.pkl): an array of uint32.
-# torch.load(weights_only=True) with exactly these allowed rebuilds the RNG states and refuses anything else, such
-# as a planted object whose unpickling would run code. accelerate.load_state reads the file the same way.
-RNG_STATE_GLOBALS = [np._core.multiarray._reconstruct, np.ndarray, np.dtype, np.dtypes.UInt32DType]
-
-
-def load_torch_file(path):
-    """torch.load without running code: tensors, numbers and RNG states only; anything else raises."""
-    with torch.serialization.safe_globals(RNG_STATE_GLOBALS):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def torch_file_problem(path):
     """Why a checkpoint's optimizer.bin, scaler.pt or random_states_<rank>.pkl cannot be trusted, or None. Read with
-    load_torch_file; the RNG states are tried on fresh generators, since accelerate.load_state skips RNG states it
+    load_weights_only; the RNG states are tried on fresh generators, since accelerate.load_state skips RNG states it
     cannot set without a word, and a resumed run would then silently draw other numbers."""
     try:
-        content = load_torch_file(path)
+        content = load_weights_only(path)
     except pickle.UnpicklingError as err:
-        culprit = re.search(r"GLOBAL (\S+)", str(err))
-        return (f"its {path.name} holds objects other than tensors and numbers "
-                f"({'it asks for ' + culprit[1] if culprit else 'unknown pickle content'}): loading it could run code, "
-                "so it is not loaded")
+        return (f"its {path.name} holds objects other than tensors and numbers (it asks for {pickle_culprit(err)}): "
+                "loading it could run code, so it is not loaded")
     except Exception as err:  # noqa: BLE001 - torch.load raises many types for a damaged file
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         return f"its {path.name} does not load ({reason[:120]})"
@@ -1378,18 +1220,24 @@ def finished_checkpoints(output_dir):
 
 
 def check_no_other_run(args):
-    """An output folder's checkpoint-N folders belong to one run. A run that does not continue from one of them
-    (no --resume, or --resume from another folder) is refused: its checkpoints would mix with the earlier run's,
-    --checkpoints-total-limit would delete its own new ones as older, and a stop would name the other run's as the one
-    to resume. Refusing loses nothing; moving the old ones aside would change the user's folder unasked."""
+    """An output folder's checkpoint-N folders belong to one run, and only its newest is continued. A run that does
+    not continue from there (no --resume, --resume from another folder, or from an earlier checkpoint-N while newer
+    ones remain) is refused: its checkpoints would mix with the other ones, --checkpoints-total-limit could delete its
+    own new ones as older, and a stop would name another run's as the one to resume. Refusing loses nothing; moving
+    the old ones aside would change the user's folder unasked."""
     earlier = checkpoint_folders(args.output_dir)
-    continues = args.resume == "latest" or (
-        args.resume is not None and os.path.realpath(Path(args.resume).parent) == os.path.realpath(args.output_dir))
-    if earlier and not continues:
-        newest = earlier[max(earlier)]
+    if not earlier or args.resume == "latest":
+        return
+    newest = earlier[max(earlier)]
+    if args.resume is None or os.path.realpath(Path(args.resume).parent) != os.path.realpath(args.output_dir):
         fail(f"--output-dir {args.output_dir} holds {newest.name} of an earlier run, which this run's checkpoints "
              f"would mix with; pass --resume latest to continue that run, or another --output-dir (or delete its "
              f"{CHECKPOINT_PREFIX}N folders to start over there)")
+    newer = [earlier[step].name for step in sorted(earlier) if step > (checkpoint_step(args.resume) or 0)]
+    if newer:
+        fail(f"--resume {args.resume}: {args.output_dir} also holds newer checkpoints ({', '.join(newer)}), which "
+             f"this run's would mix with; to go back to {Path(args.resume).name}, delete them (or copy it into "
+             "another --output-dir and resume there); to continue the newest, pass --resume latest")
 
 
 def newest_intact_checkpoint(output_dir):
@@ -1413,9 +1261,10 @@ def resume_checkpoint(args):
     intact, skipped = newest_intact_checkpoint(args.output_dir)
     if skipped:
         folder, problem = skipped[0]
-        instead = (f"pass --resume {intact} to continue from the newest intact one" if intact is not None
-                   else "no intact checkpoint is left: run without --resume to start again")
-        fail(f"--resume latest: the newest checkpoint {folder} {problem}; {instead} (or delete {folder.name})")
+        instead = (f"delete it (and any other damaged one newer than {intact.name}), and --resume latest continues "
+                   f"from the newest intact one, {intact}" if intact is not None
+                   else f"no intact checkpoint is left: delete the {CHECKPOINT_PREFIX}N folders to start again")
+        fail(f"--resume latest: the newest checkpoint {folder} {problem}; {instead}")
     problem = intact and shape_problem(intact, args)
     if problem:
         fail(f"--resume latest: {intact} {problem}")
@@ -1515,9 +1364,21 @@ def what_was_kept(output_dir):
     """The line a stopped run ends with: the newest intact checkpoint and how to continue from it."""
     intact, skipped = newest_intact_checkpoint(output_dir)
     if intact is None:
-        return "no checkpoint was kept (pass --checkpointing-steps N to keep progress); run the same command again"
-    how = "run the same command with --resume latest" if not skipped else f"add --resume {intact}"
+        return "no checkpoint was kept (pass --checkpointing-steps N to keep progress); " + how_to_run_again(output_dir)
+    how = ("run the same command with --resume latest" if not skipped else
+           f"delete the damaged {', '.join(folder.name for folder, _ in skipped)} and run the same command with "
+           "--resume latest")
     return f"the newest checkpoint is {intact}: {how} to continue"
+
+
+def how_to_run_again(output_dir):
+    """The same command again, as check_no_other_run lets it run: with --resume latest once the output folder holds
+    checkpoints (at the last step it trains nothing more and writes the final files)."""
+    if not checkpoint_folders(output_dir):
+        return "run the same command again"
+    if newest_intact_checkpoint(output_dir)[0] is None:
+        return f"delete the {CHECKPOINT_PREFIX}N folders in {output_dir} (none is intact), then run the same command"
+    return "run the same command again with --resume latest"
 
 
 def stop_interrupted(stop, what_was_kept_line):
@@ -1676,6 +1537,178 @@ def quiet_libraries():
     diffusers.utils.logging.disable_progress_bar()
 
 
+# ---------------------------------------------------------------- files read back without running code
+# .ckpt models and checkpoints' optimizer and RNG files are pickles, and unpickling can run any code a file names.
+# torch's weights-only unpickler builds tensors and plain containers only; it may also rebuild what these files hold
+# besides: numpy's scalars, arrays and dtypes (RNG states; Lightning's callback state in SD .ckpt files, under numpy
+# 1.x's names too) and the one Lightning class name SD .ckpt files carry. AUTOMATIC1111's modules/safe.py allows the
+# same names. Nothing here runs code; a pickle that names anything else is refused.
+class LightningCallbackName:
+    """SD .ckpt files written by the original (PyTorch Lightning) training code may name pytorch_lightning's
+    ModelCheckpoint class in their callback state: the weights-only unpickler maps that name to this empty class, so
+    pytorch_lightning is never imported."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+
+SAFE_PICKLE_GLOBALS = [
+    np.ndarray, np.dtype, *(getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType")),
+    *((function, f"numpy.{core}.multiarray.{function.__name__}")
+      for function in (np._core.multiarray.scalar, np._core.multiarray._reconstruct) for core in ("core", "_core")),
+    (LightningCallbackName, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
+def load_weights_only(path, mmap=False):
+    """torch.load that runs no code (see SAFE_PICKLE_GLOBALS): a pickle naming anything else raises
+    pickle.UnpicklingError, whose culprit pickle_culprit names."""
+    with torch.serialization.safe_globals(SAFE_PICKLE_GLOBALS):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
+def pickle_culprit(err):
+    """What a refused pickle asked for (e.g. posix.system), from the weights-only unpickler's message."""
+    called = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return called[1] if called else "objects other than tensors and numbers"
+
+
+# ---------------------------------------------------------------- the model file: checked before anything loads
+def read_ckpt(path):
+    """A .ckpt's state dict, unpickled by torch's weights-only unpickler (tensors and plain containers; memory-mapped
+    when it is a zip): a pickle that would call code is refused, naming what it would call."""
+    try:
+        checkpoint = load_weights_only(path, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as err:
+        fail(f"--model-id {path} is a .ckpt whose pickle would run code ({pickle_culprit(err)}), so it was not loaded; "
+             "use the model's .safetensors file, or a .ckpt from a source you trust")
+    except Exception as err:  # noqa: BLE001 - a truncated zip, a text file, an old pickle: several types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        fail(f"--model-id {path} does not load as a .ckpt ({reason}): truncated, or not a PyTorch checkpoint; "
+             "download it again or pass the model's .safetensors file")
+    while isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
+        checkpoint = checkpoint["state_dict"]  # Lightning's files keep the weights under state_dict
+    return checkpoint if isinstance(checkpoint, dict) else {}
+
+
+def checkpoint_shapes(path):
+    """{tensor name: shape} of a single-file checkpoint: a .safetensors file's header alone (no weight is read), or the
+    tensors of a .ckpt read by read_ckpt. Anything unreadable ends in one line."""
+    path = Path(path)
+    if not path.is_file():
+        fail(f"--model-id {path} is not a file; pass the path of your model's .safetensors or .ckpt file, a diffusers "
+             "folder or a hub id")
+    if path.suffix.lower() == ".ckpt":
+        return {key: tuple(value.shape) for key, value in read_ckpt(path).items() if isinstance(value, torch.Tensor)}
+    try:
+        with safe_open(path, "pt") as file:
+            return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    except Exception as err:  # noqa: BLE001 - safetensors reports a bad header, a short file, ... as several types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        fail(f"--model-id {path} is not a readable safetensors file ({reason}): truncated, or not a model at all; "
+             "download it again or pass another file")
+
+
+def not_sd_v1(shapes):
+    """Why a single file's tensors are not an SD v1.x checkpoint in the original (LDM) layout, saying what it looks
+    like, or None. The names are the ones diffusers' single_file_utils and A1111 tell the model families by."""
+    def has(prefix):
+        return any(name.startswith(prefix) for name in shapes)
+
+    if any(name.startswith(("lora_unet_", "lora_te")) or re.search(r"\.(lora_down|lora_A|lora\.down)\.", name)
+           for name in shapes):
+        return ("is a LoRA, not a model; pass the base model as --model-id (and the LoRA as --init-lora to keep "
+                "training it)")
+    if has("conditioner.embedders."):
+        return ("looks like an SDXL checkpoint (conditioner.embedders.*); this quest trains SD v1.x: pass an SD v1.x "
+                "file such as v1-5-pruned-emaonly.safetensors")
+    if has("cond_stage_model.model."):
+        return ("looks like an SD 2.x checkpoint (an OpenCLIP text encoder, cond_stage_model.model.*); this quest "
+                "trains SD v1.x: pass an SD v1.x file such as v1-5-pruned-emaonly.safetensors")
+    if not has("model.diffusion_model."):
+        if has("encoder.conv_in.") and has("decoder.conv_out."):
+            return "is a VAE alone; pass the whole SD v1.x checkpoint as --model-id (the VAE is inside it)"
+        return ("holds no SD UNet (no model.diffusion_model.* tensors); pass an SD v1.x checkpoint in the original "
+                "layout (A1111's, ComfyUI's), or a diffusers folder holding unet/, vae/ and text_encoder/")
+    missing = [what for prefix, what in (("first_stage_model.", "VAE (first_stage_model.*)"),
+                                         ("cond_stage_model.transformer.", "CLIP text encoder "
+                                                                           "(cond_stage_model.transformer.*)"))
+               if not has(prefix)]
+    if missing:
+        return (f"holds a UNet but no {' and no '.join(missing)}; pass a complete SD v1.x checkpoint (UNet, VAE and "
+                "text encoder in one file)")
+    if has("cond_stage_model.transformer.embeddings."):
+        return ("keeps its text encoder in an old key layout (cond_stage_model.transformer.embeddings.*, without "
+                "text_model.), which diffusers cannot read; save it again with a current tool (A1111's checkpoint "
+                "merger renames these keys) or pass a diffusers folder of the model")
+    conv_in = shapes.get("model.diffusion_model.input_blocks.0.0.weight", ())
+    if len(conv_in) == 4 and conv_in[1] != 4:
+        return (f"has a UNet with {conv_in[1]} input channels (an inpainting or instruct-pix2pix model); this quest "
+                "trains text-to-image SD v1.x models, which take 4")
+    return None
+
+
+def model_config_dir(model_config):
+    """The folder whose configs and tokenizer a single-file model is built with: --model-config's folder, or its hub id
+    (or, without it, diffusers' default SD_V1_CONFIG) fetched without weights into the Hugging Face cache."""
+    if model_config is not None and Path(model_config).is_dir():
+        return Path(model_config)
+    repo = model_config or SD_V1_CONFIG
+    try:
+        return Path(snapshot_download(repo, allow_patterns=CONFIG_FILES))
+    except (OSError, ValueError) as err:  # offline and not cached, no network, an unknown or malformed id
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")[:160]
+        if model_config is not None:
+            fail(f"--model-config {model_config} is neither a folder nor a hub id that could be fetched ({reason}); "
+                 "pass a diffusers-format SD v1.x folder")
+        fail(f"a single-file --model-id needs the configs and tokenizer of SD v1.x, and diffusers' default, "
+             f"{repo}, is not cached and could not be fetched ({reason}); pass --model-config DIR, a diffusers-format "
+             f"SD v1.x folder (weights not needed: `hf download {repo} --include '*.json' --include '*.txt' "
+             "--local-dir sd15-config` where there is network)")
+
+
+def config_misfit(shapes, config_dir):
+    """Why the configs in config_dir build a UNet, VAE or text encoder of another size than the file's weights, or
+    None: tensors and numbers counted per part, the models built on the meta device (nothing is allocated). Files
+    often carry extra tensors that diffusers ignores when it loads them (a text_projection, an EMA copy under another
+    prefix): a part with more tensors than its config builds is left to the loader, which names any real misfit."""
+    parts = (("unet", "model.diffusion_model.", UNet2DConditionModel), ("vae", "first_stage_model.", AutoencoderKL),
+             ("text_encoder", "cond_stage_model.transformer.", CLIPTextModel))
+    for part, prefix, model_class in parts:
+        try:
+            with init_empty_weights():
+                config = (CLIPTextConfig.from_pretrained(config_dir, subfolder=part) if part == "text_encoder"
+                          else model_class.load_config(config_dir, subfolder=part))
+                model = model_class(config) if part == "text_encoder" else model_class.from_config(config)
+        except (OSError, ValueError, TypeError) as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+            return f"is not a diffusers-format SD v1.x folder ({part}: {reason})"
+        expected = [tensor.numel() for tensor in model.state_dict().values()]
+        found = [math.prod(shape) for name, shape in shapes.items()
+                 if name.startswith(prefix) and not name.endswith(".position_ids")]  # a buffer, not a weight
+        if len(found) < len(expected) or len(found) == len(expected) and sum(found) != sum(expected):
+            return (f"builds a {part} of {len(expected)} tensors ({sum(expected):,} numbers), the file holds "
+                    f"{len(found)} ({sum(found):,})")
+    return None
+
+
+def check_model_file(model_id, model_config):
+    """Before anything is loaded: a single-file --model-id must be an SD v1.x checkpoint, read from its tensor list, and
+    its configs (--model-config, or diffusers' default) must fit its weights. A hub id or folder is loaded as it is."""
+    if not is_single_file(model_id):
+        return
+    if Path(model_id).suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        fail(f"--model-id {model_id} is a file but neither .safetensors nor .ckpt; pass an SD v1.x checkpoint file "
+             "(A1111's, ComfyUI's), a diffusers folder or a hub id")
+    shapes = checkpoint_shapes(model_id)
+    problem = not_sd_v1(shapes)
+    if problem:
+        fail(f"--model-id {model_id} {problem}")
+    misfit = config_misfit(shapes, model_config_dir(model_config))
+    if misfit:
+        fail(f"--model-config {model_config or SD_V1_CONFIG} {misfit}; pass --model-config with the diffusers-format "
+             f"folder of the SD v1.x model {Path(model_id).name} was made from")
+
+
 # ---------------------------------------------------------------- main: the quest's acts
 def main(argv=None):
     args = parse_args(argv)  # every flag, the --config file and the output folder checked before any work
@@ -1720,17 +1753,17 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(lora_parameters, lr=args.learning_rate)
     unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
     checkpoint_only_lora(accelerator)
-    start_step, loss_rows = resume(checkpoint, args, accelerator, unet, optimizer, caption_hash(final_captions))
+    captions_hash = caption_hash(final_captions)  # kept in each checkpoint: a resume says when the captions changed
+    start_step, loss_rows = resume(checkpoint, args, accelerator, unet, optimizer, captions_hash)
     validation_pipeline = training_validation_pipeline(args, accelerator, unet, text_encoder, vae, tokenizer)
     try:
         stats = train(args, accelerator, unet, optimizer, dataloader, lora_parameters, noise_scheduler,
-                      text_embeddings, vae, latent_scale, start_step, loss_rows, validation_pipeline,
-                      caption_hash(final_captions))
+                      text_embeddings, vae, latent_scale, start_step, loss_rows, validation_pipeline, captions_hash)
     except Diverged as err:
         scale = args.lora_alpha / args.rank  # each update is scaled by alpha / r: a large one amplifies every step
         also = f" or --lora-alpha (alpha / rank is {scale:g})" if scale > 4 else ""
-        fail(f"{err}; lower --learning-rate (it is {args.learning_rate:g}){also}; the LoRA was not saved and nothing "
-             "was written over earlier outputs")
+        fail(f"{err}; lower --learning-rate (it is {args.learning_rate:g}){also} and {how_to_run_again(output_dir)}; "
+             "the LoRA was not saved and nothing was written over earlier outputs")
     except KeyboardInterrupt as stop:
         stop_interrupted(stop, what_was_kept(output_dir))
     accelerator.wait_for_everyone()
@@ -1760,11 +1793,11 @@ def main(argv=None):
             validation = render_validation_images(args, output_dir, accelerator) if args.validation_prompts else []
             write_atomically(output_dir / RESULT_FILE, (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
         except KeyboardInterrupt as stop:
-            stop_interrupted(stop, f"{unfinished} or the validation images; run the same command again for them")
+            stop_interrupted(stop, f"{unfinished} or the validation images; {how_to_run_again(output_dir)} for them")
         except (RuntimeError, ValueError, OSError) as err:  # e.g. out of memory while rendering
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            fail(f"the validation images could not be rendered ({reason}); {unfinished}: run again with fewer or "
-                 "no --validation-prompts")
+            fail(f"the validation images could not be rendered ({reason}); {unfinished}: "
+                 f"{how_to_run_again(output_dir)}, with fewer or no --validation-prompts")
         written = [LORA_FILE, KOHYA_FILE, LOSS_LOG, LOSS_PLOT, *(path.name for path in validation), RESULT_FILE]
         print(f"wrote {', '.join(written)} to {output_dir}")
         print(json.dumps(result, allow_nan=False))

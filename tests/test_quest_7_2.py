@@ -772,7 +772,8 @@ def test_the_result_comes_last_and_a_failed_validation_leaves_no_success(trained
         quest.main(["--model-id", str(tiny_sd), "--dataset-dir", str(palette), "--output-dir", str(seal),
                     *map(str, TINY_RUN[:-2]), "--train-prompt", "new captions", "--resume", "latest",
                     "--validation-prompts", PROMPT, "--device", "cpu"])
-    for word in ("validation images could not be rendered", "out of memory", "result.json"):
+    for word in ("validation images could not be rendered", "out of memory", "result.json",
+                 "run the same command again with --resume latest"):  # a fresh run would be refused: it has checkpoints
         assert word in message(exit_info)
     out = capsys.readouterr().out
     assert "note: the captions" in out and "resumed from" in out and '"success"' not in out
@@ -868,6 +869,11 @@ def test_a_fresh_run_into_another_runs_checkpoints_is_refused(quest, tmp_path):
         quest.check_no_other_run(namespace(output_dir=str(seal), resume=str(tmp_path / "other" / "checkpoint-3")))
     for resume in ("latest", str(seal / "checkpoint-159")):  # continuing that run is fine
         quest.check_no_other_run(namespace(output_dir=str(seal), resume=resume))
+    (seal / "checkpoint-156").mkdir()  # going back to an earlier one while newer ones remain would mix them too
+    with pytest.raises(SystemExit) as exit_info:
+        quest.check_no_other_run(namespace(output_dir=str(seal), resume=str(seal / "checkpoint-156")))
+    for word in ("newer checkpoints (checkpoint-159)", "delete them", "--resume latest"):
+        assert word in message(exit_info)
     quest.parse_args(["--output-dir", str(tmp_path / "other")])  # a temp folder alone is no checkpoint
 
 
@@ -990,14 +996,20 @@ def test_a_damaged_newest_checkpoint_is_named_with_the_intact_one_to_use(trained
     with pytest.raises(SystemExit) as exit_info:
         quest.resume_checkpoint(quest.parse_args(["--resume", "latest", "--output-dir", str(tmp_path)]))
     text = message(exit_info)
-    for word in ["newest checkpoint", str(tmp_path / "checkpoint-4"), f"--resume {tmp_path / 'checkpoint-3'}", *words]:
+    for word in ["newest checkpoint", str(tmp_path / "checkpoint-4"), "delete it", "--resume latest continues",
+                 str(tmp_path / "checkpoint-3"), *words]:
         assert word in text
     # A stopped run names the intact one too, and never trips over the damaged one.
-    assert quest.what_was_kept(tmp_path) == f"the newest checkpoint is {tmp_path / 'checkpoint-3'}: add --resume " \
-                                            f"{tmp_path / 'checkpoint-3'} to continue"
+    assert quest.what_was_kept(tmp_path) == f"the newest checkpoint is {tmp_path / 'checkpoint-3'}: delete the " \
+                                            "damaged checkpoint-4 and run the same command with --resume latest " \
+                                            "to continue"
     with pytest.raises(SystemExit) as exit_info:
         quest.parse_args(["--resume", str(tmp_path / "checkpoint-4")])
     assert "is damaged" in message(exit_info)
+    # The way it names works: without the damaged one, --resume latest picks the intact one.
+    shutil.rmtree(tmp_path / "checkpoint-4")
+    assert quest.resume_checkpoint(quest.parse_args(["--resume", "latest", "--output-dir", str(tmp_path)])) == \
+        tmp_path / "checkpoint-3"
 
 
 def truncate(path):

@@ -5,6 +5,7 @@ write_single_file (tools/kit.py) writes the tiny random pipeline folder as one s
 from_single_file reads it back to the folder's weights, so the folder is the reference the file is compared against.
 """
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -48,18 +49,27 @@ def assert_same_weights(found, expected):
         assert torch.equal(found[key], tensor), key
 
 
-def write_ckpt(path, state_dict, **extra):
+def write_ckpt(path, state_dict, legacy=False, **extra):
     """A .ckpt shaped like the released SD v1.x ones: PyTorch Lightning's dict with the weights under state_dict, the
     step, and the callback state keyed by pytorch_lightning's ModelCheckpoint class (stood in for here: the pickle names
-    the class, and pytorch_lightning is not installed)."""
+    the class, and pytorch_lightning is not installed), holding numpy scalars and dtypes as Lightning's did. legacy:
+    torch's pre-zip format, with numpy 1.x's module names (numpy.core), as files written in 2022 have them."""
     names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
     modules = {name: types.ModuleType(name) for name in names}
     model_checkpoint = type("ModelCheckpoint", (), {"__module__": names[-1]})
     modules[names[-1]].ModelCheckpoint = model_checkpoint
     sys.modules.update(modules)
     try:
-        torch.save({"state_dict": state_dict, "global_step": 470000, "epoch": 6,
-                    "callbacks": {model_checkpoint: {"best_model_path": "", "best_model_score": None}}, **extra}, path)
+        callback_state = {"best_model_path": "", "best_model_score": np.float64(0.118), "dtype": np.dtype("float32"),
+                          "scores": np.arange(3, dtype=np.int64)}
+        checkpoint = {"state_dict": state_dict, "global_step": 470000, "epoch": 6,
+                      "callbacks": {model_checkpoint: callback_state}, **extra}
+        if legacy:
+            buffer = io.BytesIO()
+            torch.save(checkpoint, buffer, _use_new_zipfile_serialization=False)
+            path.write_bytes(buffer.getvalue().replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+        else:
+            torch.save(checkpoint, path)
     finally:
         for name in names:
             del sys.modules[name]
@@ -86,7 +96,13 @@ def test_the_script_loads_the_file_and_a_lightning_ckpt_to_the_folders_model(que
     .safetensors file and from a .ckpt shaped like the released ones (read without unpickling any code)."""
     reference = quest.load_components(str(tiny_sd))
     ckpt = write_ckpt(tmp_path / "my-model-v1.ckpt", load_file(single_file))
-    for path in (single_file, ckpt):
+    legacy_ckpt = write_ckpt(tmp_path / "my-model-v1-2022.ckpt", load_file(single_file), legacy=True)
+    assert b"numpy.core.multiarray\nscalar" in legacy_ckpt.read_bytes()
+    # Files often carry tensors diffusers does not use (an EMA copy, a text projection): they load all the same.
+    extras = tmp_path / "my-model-v1-with-extras.safetensors"
+    save_file({**load_file(single_file), "model_ema.decay": torch.tensor(0.9999),
+               "cond_stage_model.transformer.text_projection.weight": torch.zeros(32, 32)}, extras)
+    for path in (single_file, ckpt, legacy_ckpt, extras):
         quest.check_model_file(str(path), str(tiny_sd))
         tokenizer, *models, scheduler = quest.load_components(str(path), str(tiny_sd))
         for found, expected in zip(models, reference[1:4]):
@@ -246,12 +262,16 @@ def bad_files(single_file, tmp_path):
     files["truncated"] = tmp_path / "truncated.safetensors", ["not a readable safetensors", "truncated"]
     (tmp_path / "notes.safetensors").write_text("a text file, not a model\n")
     files["text"] = tmp_path / "notes.safetensors", ["not a readable safetensors"]
+    old_layout = {key.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): tensor
+                  for key, tensor in tensors.items()}
+    save_file(old_layout, tmp_path / "old-layout.safetensors")
+    files["old-layout"] = tmp_path / "old-layout.safetensors", ["old key layout", "text_model"]
     (tmp_path / "truncated.ckpt").write_bytes(write_ckpt(tmp_path / "whole.ckpt", unet).read_bytes()[:5000])
     files["truncated-ckpt"] = tmp_path / "truncated.ckpt", ["does not load as a .ckpt"]
     return files
 
 
-CASES = ["sdxl", "sd2", "lora", "vae", "unet-only", "truncated", "text", "truncated-ckpt"]
+CASES = ["sdxl", "sd2", "lora", "vae", "unet-only", "truncated", "text", "old-layout", "truncated-ckpt"]
 
 
 @pytest.mark.parametrize("case", CASES)
