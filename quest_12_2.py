@@ -489,6 +489,16 @@ def lr_at(step, total_steps, args):
     return args.lr * warmup_cosine(step, total_steps, args.warmup_steps, final=0.1)
 
 
+def divergence_advice(args, saved_epoch):
+    """What to do after a divergence: a lower --lr; with --resume when a checkpoint of an earlier epoch is on disk,
+    since a new training run refuses to write over it."""
+    lower = f"lower --lr (now {args.lr:g}; try {args.lr / 10:g})"
+    if saved_epoch is None:
+        return lower
+    return (f"{lower} and continue with --resume ({args.checkpoint} holds epoch {saved_epoch}), or delete "
+            f"{args.checkpoint} to start over")
+
+
 def train_epoch(step_model, optimizer, ema, schedule, images, labels, args, dtype, epoch, total_steps, bar_label):
     """One pass over the images in random order; returns the epoch's mean loss (a tensor, summed on the device)."""
     batches = math.ceil(len(images) / args.batch_size)
@@ -505,8 +515,9 @@ def train_epoch(step_model, optimizer, ema, schedule, images, labels, args, dtyp
             if i % 10 == 0 or i == batches - 1:
                 running = total.item() / (i + 1)
                 if not math.isfinite(running):
+                    saved_epoch = epoch if epoch or args.resume else None  # each finished epoch was saved
                     fail(f"training diverged in epoch {epoch + 1} (loss {running}); nothing was saved over earlier "
-                         f"outputs; lower --lr (now {args.lr:g}; try {args.lr / 10:g})")
+                         f"outputs; {divergence_advice(args, saved_epoch)}")
                 bar.set_postfix(loss=f"{running:.4f}")
     return total.item() / batches
 
@@ -821,7 +832,7 @@ def main(argv=None):
                     guide_taken = epoch
                 if not weights_are_usable([model, ema.model, guide], probe):
                     fail(f"training diverged in epoch {epoch} (the weights hold inf/NaN or predict them); nothing "
-                         f"was saved over earlier outputs; lower --lr (now {args.lr:g}; try {args.lr / 10:g})")
+                         f"was saved over earlier outputs; {divergence_advice(args, saved_epoch)}")
                 args.checkpoint.parent.mkdir(parents=True, exist_ok=True)
                 write_atomically(args.checkpoint,
                                  checkpoint_bytes(model, ema, guide, guide_taken, optimizer, epoch, config))

@@ -303,9 +303,10 @@ def shuffled_batches(n, batch_size, generator, device):
 
 
 # ---------------------------------------------------------------- Act 1: train FP32
-def train(model, x, y, batches, lr, device, name, flag):
-    """Adam on the given index batches; returns the smoothed final loss. A non-finite loss or weights (the last
-    step can overflow them) end the run in one line naming `flag`, the learning rate to lower, before any save."""
+def train(model, x, y, batches, lr, device, name, flag, steps=None):
+    """Adam on the given index batches (`steps` of them: the bar's percentage and ETA when `batches` is an iterator);
+    returns the smoothed final loss. A non-finite loss or weights (the last step can overflow them) end the run in
+    one line naming `flag`, the learning rate to lower, before any save."""
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     # CrossEntropyLoss as the spec says: on log-probs it equals NLLLoss (log_softmax of log-probs is a no-op).
     loss_fn = nn.CrossEntropyLoss()
@@ -313,7 +314,7 @@ def train(model, x, y, batches, lr, device, name, flag):
     autocast = device.type == "cuda" and torch.cuda.is_bf16_supported()
     model.train()
     running = None
-    bar = tqdm(batches, desc=name, unit="batch", leave=False, disable=None)  # no bar off a terminal
+    bar = tqdm(batches, total=steps, desc=name, unit="batch", leave=False, disable=None)  # no bar off a terminal
     for idx in bar:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = loss_fn(model(x[idx]), y[idx])
@@ -361,10 +362,10 @@ def fine_tune(model, x, y, batches, steps, lr, disable_observer):
     never listed up front (a million steps would be a million tensors). Returns its weights in a plain FP32 MiniCNN."""
     batches = iter(batches)
     train(model, x, y, itertools.islice(batches, steps // 2), lr, torch.device("cpu"),
-          "QAT fine-tuning (observers on)", "--qat-lr")
+          "QAT fine-tuning (observers on)", "--qat-lr", steps=steps // 2)
     model.apply(disable_observer)
     train(model, x, y, itertools.islice(batches, steps - steps // 2), lr, torch.device("cpu"),
-          "QAT fine-tuning (observers frozen)", "--qat-lr")
+          "QAT fine-tuning (observers frozen)", "--qat-lr", steps=steps - steps // 2)
     fine_tuned = MiniCNN().eval()  # same parameter names in the eager QAT model and in the exported graph
     wanted = fine_tuned.state_dict().keys()
     fine_tuned.load_state_dict({k: v for k, v in model.state_dict().items() if k in wanted})
@@ -630,7 +631,7 @@ def main(argv=None):
     print(f"act 1: training the FP32 model for {args.train_batches} batches of {args.batch_size}", flush=True)
     fp32 = MiniCNN().to(device)
     train_loss = train(fp32, train_x, train_y, itertools.islice(batches, args.train_batches), args.lr, device,
-                       "FP32 training", "--lr")
+                       "FP32 training", "--lr", steps=args.train_batches)
     fp32 = fp32.cpu().eval()
     calib = [idx.cpu() for idx in itertools.islice(batches, args.calib_batches)]
 

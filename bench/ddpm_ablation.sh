@@ -48,7 +48,9 @@ for seed in $seeds; do
       if [ -n "${trained_in[$training]:-}" ]; then  # the same training and seed give the same weights: reuse them
         mkdir -p "$run" && cp "${trained_in[$training]}/checkpoint.pt" "$run/"
       else
-        $py quest_12_2.py $common $flags --seed "$seed" --out-dir "$run" > "$run.log" 2>&1
+        rm -f "$run/checkpoint.pt"  # an interrupted row's: the script refuses a new run over it, so start over
+        $py quest_12_2.py $common $flags --seed "$seed" --out-dir "$run" > "$run.log" 2>&1 \
+          || { echo "$name seed $seed: training failed: $(tail -1 "$run.log")" >&2; exit 1; }
       fi
       trained_in[$training]=$run
       for sampler in ddpm ddim; do

@@ -671,9 +671,10 @@ def test_divergence_from_scratch_stops_without_success_and_keeps_the_earlier_out
     (tmp_path / "out").mkdir()
     shutil.copy(out_dir / "new_creation.png", tmp_path / "out" / "new_creation.png")
     before = (tmp_path / "out" / "new_creation.png").read_bytes()
-    one_line_error(lambda: quest.main([str(arg) for arg in [
+    line = one_line_error(lambda: quest.main([str(arg) for arg in [
         "--data-dir", mnist_root, "--out-dir", tmp_path / "out", *TINY, "--lr", "1e6",
         "--lr-schedule", "constant", "--device", device]]), "diverged", "--lr")
+    assert "--resume" not in line, "no checkpoint was saved, so a rerun is a new run: no --resume advised"
     assert '"success": true' not in capsys.readouterr().out
     assert (tmp_path / "out" / "new_creation.png").read_bytes() == before, "a diverged run wrote over the grid"
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == ["new_creation.png"]  # no checkpoint
@@ -688,7 +689,9 @@ def test_one_step_to_huge_weights_on_resume_leaves_the_good_checkpoint_byte_iden
     before = {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()}
     proc = run_script(SCRIPT, "--resume", "--data-dir", mnist_root, "--out-dir", tmp_path / "out", "--epochs", "2",
                       "--lr", "1e39", "--batch-size", "4096", "--num-samples", "4", "--device", device, cwd=tmp_path)
-    assert_clean_failure(proc, "diverged in epoch 2", "--lr")
+    # a new run would refuse the epoch-1 checkpoint: the line says how to continue it instead
+    assert_clean_failure(proc, "diverged in epoch 2", "--lr", "continue with --resume", "holds epoch 1",
+                         "to start over")
     assert '"success"' not in proc.stdout
     assert {path.name: path.read_bytes() for path in (tmp_path / "out").iterdir()} == before
 

@@ -223,11 +223,12 @@ def test_qat_freezes_the_observers_for_the_second_half_and_draws_its_batches_one
     frozen_at = []
     real_train = quest.train
 
-    def spy(model, x, y, batches, lr, device, name, flag):
+    def spy(model, x, y, batches, lr, device, name, flag, steps=None):
         observing = [m.observer_enabled.item() for m in model.modules() if hasattr(m, "observer_enabled")]
         batches = list(batches)
+        assert steps == len(batches), "the progress bar's total (its percentage and ETA) is the batches drawn"
         frozen_at.append((len(batches), set(observing)))
-        return real_train(model, x, y, batches, lr, device, name, flag)
+        return real_train(model, x, y, batches, lr, device, name, flag, steps)
     monkeypatch.setattr(quest, "train", spy)
     quest.silence_known_warnings()
     torch.manual_seed(0)
