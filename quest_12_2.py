@@ -207,9 +207,6 @@ def check_args(args):
     if args.base_channels * max(args.channel_mult) > MAX_WIDTH:
         fail(f"--base-channels {args.base_channels} x --channel-mult {max(args.channel_mult)} is wider than "
              f"{MAX_WIDTH} channels; pass smaller widths")
-    if args.conditional and (args.sample_only or args.resume):
-        fail("--conditional is for a new training run; a checkpoint's own config says whether it is conditional, "
-             "so drop --conditional")
     if args.sample_only and {"epochs", "time_budget"} & args.set_by_user:
         fail("--sample-only trains nothing, so --epochs/--time-budget have no effect; drop them or --sample-only")
     check_output_dir(args.out_dir, "--out-dir")
@@ -735,10 +732,14 @@ def main(argv=None):
         "base_channels": args.base_channels, "channel_mult": list(args.channel_mult), "attention": args.attention,
         "patch_size": args.patch_size, "conditional": args.conditional}
     if checkpoint:  # the architecture must match the weights; the learning rate and the rest are applied
+        if args.conditional and not config["conditional"]:  # the same command with --resume is fine otherwise
+            fail(f"{args.checkpoint} holds an unconditional model, so it cannot draw the digits asked for; drop "
+                 "--conditional (or train a conditional model into another --out-dir)")
+
         def as_flag(value):  # 1,2,4 for the widths, as typed
             return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-        kept = [f"--{key.replace('_', '-')} {as_flag(config[key])}" for key in config
-                if key in args.set_by_user and as_flag(getattr(args, key)) != as_flag(config[key])]
+        kept = [f"--{key.replace('_', '-')} {as_flag(config[key])}" for key in config if key != "conditional"
+                and key in args.set_by_user and as_flag(getattr(args, key)) != as_flag(config[key])]
         if kept:
             print(f"note: {'--resume keeps' if args.resume else '--sample-only uses'} the checkpoint's "
                   f"{', '.join(kept)} (its weights were trained with them)", flush=True)

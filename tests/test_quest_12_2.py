@@ -806,7 +806,9 @@ def test_digits_need_a_conditional_model_and_a_matching_num_samples(quest, tiny_
     one_line_error(lambda: quest.main(["--conditional", "--digits", "0-2", "--num-samples", "4", "--data-dir",
                                        str(mnist_root), "--out-dir", str(tmp_path / "o")]),
                    "--num-samples 4", "multiple of the 3 classes", "--num-samples 3")
-    one_line_error(lambda: quest.check_args(quest.parse_args(["--sample-only", "--conditional"])), "--conditional")
+    # --conditional on an unconditional checkpoint (a conditional one takes it: "the same command with --resume")
+    one_line_error(lambda: quest.main(["--sample-only", "--conditional", "--checkpoint", str(tiny_checkpoint),
+                                       "--out-dir", str(tmp_path / "o")]), "unconditional", "drop --conditional")
     assert not (tmp_path / "o").exists()
 
 
@@ -823,8 +825,8 @@ def test_a_conditional_model_trains_resumes_and_draws_the_rows_asked_for(quest, 
         assert gif.n_frames == 1 + first["sampleSteps"] and gif.size == grid_size(6, nrow=3)
     config = torch.load(out / "checkpoint.pt", weights_only=True)["config"]
     assert config["conditional"] is True and config["patch_size"] == 2  # resumed and sampled on patches below
-    resumed = run_main(quest, capsys, "--resume", "--data-dir", mnist_root, "--out-dir", out, "--epochs", "2",
-                       "--device", "cpu")["details"]
+    resumed = run_main(quest, capsys, "--conditional", "--resume", "--data-dir", mnist_root, "--out-dir", out,
+                       "--epochs", "2", "--device", "cpu")["details"]  # what a stopped run says: the same, + --resume
     assert resumed["epochs"] == 2 and resumed["classes"] == list(range(10)) and resumed["patchSize"] == 2
     assert resumed["numSamples"] == 60  # --num-samples left at 64: the multiple of the 10 classes below it
     with Image.open(out / "new_creation.png") as grid:  # the default 0-9: ten rows of six
