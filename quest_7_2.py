@@ -62,7 +62,7 @@ try:  # Ctrl-C or SIGTERM while the libraries load ends in one line too
     import diffusers
     import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.set_verbosity(diffusers.utils.logging.CRITICAL)  # its load errors raise: one line here
     transformers.utils.logging.set_verbosity_error()
     import safetensors.torch
     import torch.nn.functional as F
@@ -367,8 +367,9 @@ def load_components(model_id, model_config=None):
              "pass a hub id you can download (or have cached) or a local folder saved with save_pretrained")
     # transformers 5 builds a special-tokens-only tokenizer from a folder without tokenizer files instead of failing.
     if len(tokenizer) <= len(tokenizer.all_special_tokens):
-        fail(f"could not load the Stable Diffusion model '{model_id}' (its tokenizer has no vocabulary); "
-             "pass a complete SD v1.x model folder or hub id")
+        fix = ("pass --model-config with a complete diffusers-format SD v1.x folder" if is_single_file(model_id) else
+               "pass a complete SD v1.x model folder or hub id")
+        fail(f"could not load the Stable Diffusion model '{model_id}' (its tokenizer has no vocabulary); {fix}")
     if noise_scheduler.config.prediction_type != "epsilon":
         fail(f"'{model_id}' predicts '{noise_scheduler.config.prediction_type}', not noise; "
              "this quest trains epsilon-prediction SD v1.x models")
@@ -396,7 +397,9 @@ def check_model_parts_fit(tokenizer, text_encoder, vae, unet, model_id):
          f"its tokenizer makes {tokenizer.model_max_length} tokens, its text encoder reads at most "
          f"{text_encoder.config.max_position_embeddings}"),
         (len(tokenizer) > text_encoder.config.vocab_size,
-         f"its tokenizer knows {len(tokenizer)} tokens, its text encoder {text_encoder.config.vocab_size}")]
+         f"its tokenizer knows {len(tokenizer)} tokens, its text encoder {text_encoder.config.vocab_size}"),
+        (not (isinstance(vae.config.scaling_factor, (int, float)) and math.isfinite(vae.config.scaling_factor)
+              and vae.config.scaling_factor > 0), f"its VAE's scaling_factor is {vae.config.scaling_factor!r:.20}")]
     problem = next((what for wrong, what in mismatches if wrong), None)
     if problem:
         fail(f"the parts of '{model_id}' do not fit each other ({problem}); pass a complete Stable Diffusion v1.x "
@@ -665,10 +668,13 @@ def checkpoint_only_lora(accelerator):
 def visible_files(folder, keep):
     """The files under folder (subfolders included, hidden ones skipped) for which keep(path) holds, sorted; each
     checked to lie inside the folder (see check_inside)."""
-    files = sorted(path for path in folder.rglob("*") if keep(path) and path.is_file()
+    files = sorted(path for path in folder.rglob("*") if keep(path) and not path.is_dir()
                    and not any(part.startswith(".") for part in path.relative_to(folder).parts))
     for path in files:
         check_inside(path, folder)
+        if not path.is_file():  # skipping it would train on other images or captions than the user counted
+            fail(f"{path} is not a regular file (a FIFO, a device or a broken link); replace it with the file, or "
+                 "remove it")
     return files
 
 
@@ -749,13 +755,17 @@ def metadata_captions(folder, images, caption_column):
                 fail(f"{where} is not JSON this script can read ({problem}); write one object per line, like {example}")
             if not isinstance(row, dict) or not isinstance(row.get("file_name"), str):
                 fail(f"{where} has no \"file_name\" string; write one object per line, like {example}")
+            check_text(row["file_name"], f"the file_name in {where}")
             image = Path(os.path.normpath(metadata.parent / row["file_name"]))
             if image not in known:
-                inside = Path(os.path.realpath(image)).is_relative_to(os.path.realpath(folder))
-                what = (f"is outside the dataset folder {folder}" if not inside else
-                        f"is not an image file in {metadata.parent}" if image.is_file() else
-                        f"does not exist in {metadata.parent}")
-                fail(f"{where} names {row['file_name']}, which {what}; fix the file_name or remove the line")
+                try:
+                    inside = Path(os.path.realpath(image)).is_relative_to(os.path.realpath(folder))
+                    what = (f"is outside the dataset folder {folder}" if not inside else
+                            f"is not an image file in {metadata.parent}" if image.is_file() else
+                            f"does not exist in {metadata.parent}")
+                except OSError as err:  # a name longer than the file system takes
+                    what = f"cannot be a file ({err.strerror or err})"
+                fail(f"{where} names {row['file_name'][:80]}, which {what}; fix the file_name or remove the line")
             if caption_column not in row:
                 fail(f"{where} has no '{caption_column}' column (it has {', '.join(map(str, row)) or 'none'}); "
                      "pass --caption-column with the one that holds the captions")
@@ -1696,9 +1706,13 @@ def check_model_file(model_id, model_config):
     its configs (--model-config, or diffusers' default) must fit its weights. A hub id or folder is loaded as it is."""
     if not is_single_file(model_id):
         return
-    if Path(model_id).suffix.lower() not in SINGLE_FILE_SUFFIXES:
+    suffix = Path(model_id).suffix
+    if suffix.lower() not in SINGLE_FILE_SUFFIXES:
         fail(f"--model-id {model_id} is a file but neither .safetensors nor .ckpt; pass an SD v1.x checkpoint file "
              "(A1111's, ComfyUI's), a diffusers folder or a hub id")
+    if suffix not in SINGLE_FILE_SUFFIXES:  # diffusers tells the formats by the lower-case suffix alone
+        fail(f"--model-id {model_id}: diffusers reads only lower-case {suffix.lower()} names; rename the file to "
+             f"{Path(model_id).with_suffix(suffix.lower()).name}")
     shapes = checkpoint_shapes(model_id)
     problem = not_sd_v1(shapes)
     if problem:

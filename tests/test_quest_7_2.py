@@ -664,6 +664,14 @@ def test_captions_come_from_txt_then_metadata_then_the_train_prompt(quest, tmp_p
                      (folder / "metadata.jsonl").symlink_to(folder.parent / "metadata.jsonl")),
      ["metadata.jsonl", "outside --dataset-dir"]),
     (lambda folder: os.mkfifo(folder / "palette_3.txt"), ["palette_3.txt", "not a regular file"]),
+    (lambda folder: os.mkfifo(folder / "palette_9.png"), ["palette_9.png", "not a regular file"]),
+    # A file_name is a path too: text it can hold, of a length the file system takes.
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "p\\ud800.png", "text": "x"}'),
+     ["file_name in", "metadata.jsonl line 1", "not valid UTF-8"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "p\\u0000.png", "text": "x"}'),
+     ["file_name in", "NUL"]),
+    (lambda folder: (folder / "metadata.jsonl").write_text('{"file_name": "' + "a" * 300 + '.png", "text": "x"}'),
+     ["metadata.jsonl line 1", "cannot be a file"]),
 ])
 def test_a_bad_caption_file_or_metadata_line_is_named_in_one_line(quest, tmp_path, damage, words):
     folder = write_mixed_folder(tmp_path / "mixed")
@@ -752,6 +760,16 @@ def test_a_model_whose_parts_do_not_fit_is_one_line_before_any_caching(quest, ti
     for word in (str(model), "do not fit", "64 wide", "gives 32"):
         assert word in message(exit_info)
     assert not (tmp_path / "seal").exists()
+    # A VAE scaling factor that is not a positive number would make every latent NaN or 0: said as such, not as a
+    # divergence to cure with a lower learning rate.
+    shutil.rmtree(model / "unet")
+    shutil.copytree(Path(tiny_sd) / "unet", model / "unet")
+    config = json.loads((model / "vae" / "config.json").read_text())
+    (model / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": float("nan")}))
+    with pytest.raises(SystemExit) as exit_info:
+        quest.main(["--model-id", str(model), "--dataset-dir", str(palette), "--output-dir", str(tmp_path / "seal"),
+                    *map(str, TINY_RUN), "--device", "cpu"])
+    assert "scaling_factor is nan" in message(exit_info) and not (tmp_path / "seal").exists()
 
 
 @pytest.mark.slow

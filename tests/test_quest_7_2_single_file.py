@@ -266,12 +266,14 @@ def bad_files(single_file, tmp_path):
                   for key, tensor in tensors.items()}
     save_file(old_layout, tmp_path / "old-layout.safetensors")
     files["old-layout"] = tmp_path / "old-layout.safetensors", ["old key layout", "text_model"]
+    (tmp_path / "MY-MODEL.SAFETENSORS").write_bytes(single_file.read_bytes())  # diffusers takes lower case only
+    files["upper-case"] = tmp_path / "MY-MODEL.SAFETENSORS", ["lower-case", "rename the file to MY-MODEL.safetensors"]
     (tmp_path / "truncated.ckpt").write_bytes(write_ckpt(tmp_path / "whole.ckpt", unet).read_bytes()[:5000])
     files["truncated-ckpt"] = tmp_path / "truncated.ckpt", ["does not load as a .ckpt"]
     return files
 
 
-CASES = ["sdxl", "sd2", "lora", "vae", "unet-only", "truncated", "text", "old-layout", "truncated-ckpt"]
+CASES = ["sdxl", "sd2", "lora", "vae", "unet-only", "truncated", "text", "old-layout", "upper-case", "truncated-ckpt"]
 
 
 @pytest.mark.parametrize("case", CASES)
