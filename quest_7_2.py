@@ -1922,8 +1922,20 @@ def exit_interrupted(stop, what_was_kept):
     sys.exit(128 + signum)
 
 
+def exit_closed_pipe():
+    """stdout closed by the program reading it (`| head -1`): end in one line, not a traceback, with exit 141, as a
+    shell reports a process that SIGPIPE ended. Whatever is still printed, Python's flush at exit included, goes to
+    /dev/null. Files already written are whole: every one is written atomically."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    print("error: the program reading the output closed it (e.g. `| head`); the run stopped there, and the files "
+          "it wrote are complete", file=sys.stderr)
+    sys.exit(128 + getattr(signal, "SIGPIPE", 13))
+
+
 if __name__ == "__main__":
     try:
         main()
     except KeyboardInterrupt as stop:
         exit_interrupted(stop, "nothing new was written; run the same command again")
+    except BrokenPipeError:  # stdout closed early by the program reading it
+        exit_closed_pipe()

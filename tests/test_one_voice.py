@@ -12,7 +12,7 @@ SCRIPTS = ["quest_12_2.py", "quest_13_2.py", "quest_14_1.py", "quest_7_2.py"]
 MNIST_SCRIPTS = ["quest_12_2.py", "quest_13_2.py", "quest_14_1.py"]
 # Every script has these; the helpers that can change results (data loading, the lr schedule) are shared too.
 PLUMBING = ["fail", "OneLineParser", "number", "pick_device", "check_output_dir", "write_atomically", "all_finite",
-            "exit_interrupted"]
+            "exit_interrupted", "exit_closed_pipe"]
 SHARED_HELPERS = [*PLUMBING, "raise_interrupt", "torch_bytes", "read_idx", "load_mnist", "warmup_cosine",
                   "utf8_path"]
 SIGNALS_HELD = '''    if hasattr(signal, "pthread_sigmask"):  # held until the imports end: one landing inside numpy's C import breaks it
@@ -53,6 +53,9 @@ def test_every_script_speaks_through_the_plumbing_placed_after_its_quest(script)
         assert definitions[helper][1] > definitions["main"][1], f"{script}: {helper} stands before main; the quest first"
     source = (REPO / script).read_text()
     assert "allow_nan=False" in source, f"{script} can print NaN into its JSON line"
+    main_block = source[source.index('if __name__ == "__main__":'):]
+    assert "except BrokenPipeError:" in main_block and "exit_closed_pipe()" in main_block, \
+        f"{script}: `| head` would end it in a traceback; catch BrokenPipeError as docs/contributing.md does"
 
 
 @pytest.mark.parametrize("script", MNIST_SCRIPTS)

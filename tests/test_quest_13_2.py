@@ -2,11 +2,14 @@
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_clean_failure, import_script, result_json, run_script, write_mnist_subset
+from conftest import (OFFLINE_ENV, REPO, assert_clean_failure, import_script, result_json, run_script,
+                      write_mnist_subset)
 from tools.kit import FullDiskFile, interrupt_script, stop_while_starting
 
 SCRIPT = "quest_13_2.py"
@@ -372,6 +375,23 @@ def test_ctrl_c_or_sigterm_ends_in_one_line_and_keeps_earlier_models(sig, code, 
     assert_clean_failure(proc, words, "nothing was written")
     assert sorted(p.name for p in models.iterdir()) == ["teacher.pt"]
     assert models.joinpath("teacher.pt").read_bytes() == b"an earlier teacher"
+
+
+@pytest.mark.slow
+def test_output_closed_by_head_ends_in_one_line_with_sigpipes_code(mnist_root, tmp_path):
+    """`quest_13_2.py | head -1`: the next line printed finds the pipe closed. One line and exit 141 (as a shell
+    reports SIGPIPE), as in every script (tests/test_one_voice.py checks that each one catches it)."""
+    command = [sys.executable, str(REPO / SCRIPT), "--data-dir", str(mnist_root), "--device", "cpu",
+               "--teacher-epochs", "500"]  # an epoch line every second or so: one comes after the pipe is closed
+    with subprocess.Popen(command, cwd=tmp_path, env={**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1"},
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as process:
+        assert process.stdout.readline().startswith(b"data: ")  # what head -1 keeps
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        process.wait(timeout=120)
+    assert process.returncode == 141, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: the program reading the output closed it"), stderr
 
 
 @pytest.mark.slow
