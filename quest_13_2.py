@@ -85,7 +85,7 @@ def parse_args(argv=None):
                         help="where to train; auto = CUDA, then Apple MPS, then CPU")
     parser.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
                         help="seed for weights and batch order, 0 to 2^32-1")
-    parser.add_argument("--teacher", type=utf8_path, default=None,
+    parser.add_argument("--teacher", type=lambda text: Path(utf8_path(text)), default=None,
                         help="a teacher.pt written by an earlier --save-dir: skip teacher training and distil from it")
     parser.add_argument("--teacher-epochs", type=number(int, 1, MAX_EPOCHS), default=1,
                         help="epochs of teacher training")
@@ -112,12 +112,10 @@ def parse_args(argv=None):
     parser.add_argument("--compare", action="store_true",
                         help="train every --method and the baseline from the same initial weights and batches; one table")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline student (faster, no gain figure)")
-    parser.add_argument("--save-dir", type=utf8_path, default=None,
+    parser.add_argument("--save-dir", type=lambda text: Path(utf8_path(text)), default=None,
                         help="save teacher.pt and student.pt here (reuse the teacher with --teacher); nothing is "
                              "written without it")
-    args = parser.parse_args(argv)
-    args.teacher, args.save_dir = (None if path is None else Path(path) for path in (args.teacher, args.save_dir))
-    return args
+    return parser.parse_args(argv)
 
 
 def check_args(args):
