@@ -96,7 +96,7 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"],
                         help="where to train; auto = CUDA, then Apple MPS, then CPU")
     parser.add_argument("--seed", type=number(int, 0, 2**32 - 1), default=0,
-                        help="seed for weights and batch order, 0 to 2^32-1")
+                        help="seed for weights, batch order and augmentation draws, 0 to 2^32-1")
     parser.add_argument("--teacher", type=lambda text: Path(utf8_path(text)), default=None,
                         help="a teacher.pt written by an earlier --save-dir: skip teacher training and distil from it")
     parser.add_argument("--teacher-epochs", type=number(int, 1, MAX_EPOCHS), default=DEFAULT_TEACHER_EPOCHS,
