@@ -20,7 +20,7 @@ Act 5  Prove it: test accuracy of each model, gain over the baseline, sizes, CPU
 
     python quest_13_2.py --data-dir assets/mnist-5k                        # the 5,000 real digits in the repo
     python quest_13_2.py --teacher-epochs 5 --save-dir runs/t5             # full MNIST (downloaded to ./data)
-    python quest_13_2.py --teacher runs/t5/teacher.pt                      # reuse that teacher: ~2 min on 2 cores
+    python quest_13_2.py --teacher runs/t5/teacher.pt                      # reuse it: ~2 min on 2 cores (bf16 CPU)
 
 The figures in docs/quest_13_2.md were measured on the 4,000 + 1,000 shipped digits, fp32, on a 2-core x86 CPU
 with native bf16 (AVX512-BF16).
@@ -220,14 +220,32 @@ class View(NamedTuple):
     own_share: Optional[torch.Tensor] = None  # mixup/cutmix: how much of each image is its own (the rest: the partner)
 
 
-def make_view(images, labels, index, augment, draws, background):
-    """--augment: the batch as the student sees it; the draws come from `draws`, so every student of a run (and
-    the teacher looking at them) sees the same shifts and mixes. Each epoch draws afresh: a student passing over
-    the data many times never sees the same view twice."""
+def draw_augmentation(batch_sizes, augment, draws, device):
+    """One epoch of make_view's random numbers: per batch, a (rows, batch size) tensor holding each image's shift
+    in y and x, then its own share (mixup, cutmix), then a box centre (cutmix); None for --augment none. Drawn batch
+    by batch from the CPU generator `draws` (the same numbers on every device, and for every student of a run) and
+    copied to the device once an epoch, not at every step. Each epoch draws afresh: a student passing over the
+    data many times never sees the same view twice."""
+    if augment == "none":
+        return [None] * len(batch_sizes)
+    per_batch = []
+    for n in batch_sizes:
+        rows = [torch.randint(0, 2 * SHIFT_PIXELS + 1, (2, n), generator=draws).float()]
+        if augment != "shift":
+            rows.append(torch.rand(1, n, generator=draws))
+        if augment == "cutmix":
+            rows.append(torch.rand(2, n, generator=draws))
+        per_batch.append(torch.cat(rows))
+    return torch.cat(per_batch, dim=1).to(device).split(list(batch_sizes), dim=1)
+
+
+def make_view(images, labels, index, augment, randoms, background):
+    """--augment: the batch as the student sees it, from this batch's draw_augmentation numbers, so every student
+    of a run (and the teacher looking at them) sees the same shifts and mixes."""
     if augment == "none":
         return View(images, labels, index)
     n, _, height, width = images.shape
-    offsets = torch.randint(0, 2 * SHIFT_PIXELS + 1, (2, n), generator=draws).to(images.device)
+    offsets = randoms[:2].long()
     padded = F.pad(images, (SHIFT_PIXELS,) * 4, value=background)  # a blank border, then a 28x28 window of it
     rows = (offsets[0, :, None] + torch.arange(height, device=images.device))[:, :, None]
     cols = (offsets[1, :, None] + torch.arange(width, device=images.device))[:, None, :]
@@ -236,7 +254,7 @@ def make_view(images, labels, index, augment, draws, background):
         return View(images, labels, index)
     # Each image is mixed with the batch's image at the mirrored position; its own share is uniform in [0, 1]
     # (mixup's Beta(1, 1), as in Beyer et al.'s function matching).
-    share = torch.rand(n, generator=draws).to(images.device)
+    share = randoms[2]
     partner, partner_labels = images.flip(0), labels.flip(0)
     if augment == "mixup":  # Zhang et al. 2017, https://arxiv.org/abs/1710.09412
         weight = share.view(n, 1, 1, 1)
@@ -244,7 +262,7 @@ def make_view(images, labels, index, augment, draws, background):
     # cutmix (Yun et al. 2019, https://arxiv.org/abs/1905.04899): a box of the partner, (1 - share) of the area,
     # centred anywhere; the box is clipped at the edges, and the shares are what is actually pasted.
     size = torch.tensor([[height], [width]], dtype=torch.float32, device=images.device)
-    centres = torch.rand(2, n, generator=draws).to(images.device) * size
+    centres = randoms[3:5] * size
     half = (1 - share).sqrt() * size / 2  # a box of the image's proportions, (1 - share) of its area
     low, high = (centres - half).round().clamp(min=0), torch.minimum((centres + half).round(), size)
     ys, xs = torch.arange(height, device=images.device), torch.arange(width, device=images.device)
@@ -285,10 +303,11 @@ def fit(model, images, labels, loss_of_view, epochs, args, name, augment="none",
     model.train()
     for epoch in range(1, epochs + 1):
         batches = torch.randperm(len(images), generator=order).to(images.device).split(args.batch_size)
+        randoms = draw_augmentation([len(idx) for idx in batches], augment, draws, images.device)
         total = torch.zeros((), device=images.device)
         bar = tqdm(batches, desc=f"{name} epoch {epoch}/{epochs}", leave=False, disable=None)  # no bars when not a terminal
-        for step, idx in enumerate(bar, 1):
-            loss = loss_of_view(model, make_view(images[idx], labels[idx], idx, augment, draws, background))
+        for step, (idx, batch_randoms) in enumerate(zip(bar, randoms), 1):
+            loss = loss_of_view(model, make_view(images[idx], labels[idx], idx, augment, batch_randoms, background))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

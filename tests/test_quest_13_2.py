@@ -135,7 +135,8 @@ def views_of(quest, augment, draws=None, n=16):
     images = (torch.arange(n, dtype=torch.float32) + 1).view(n, 1, 1, 1).expand(n, 1, 28, 28).contiguous()
     labels = torch.arange(n) % 10
     draws = torch.Generator().manual_seed(0) if draws is None else draws
-    return quest.make_view(images, labels, torch.arange(n), augment, draws, 0.0)
+    randoms = quest.draw_augmentation([n], augment, draws, "cpu")[0]
+    return quest.make_view(images, labels, torch.arange(n), augment, randoms, 0.0)
 
 
 def test_a_shift_moves_each_image_by_at_most_two_pixels_and_brings_in_blank(quest):
@@ -202,6 +203,7 @@ def test_the_baseline_and_the_students_see_the_same_batches_and_the_teacher_sees
     assert len(baseline) == steps and "teacher None" not in seen  # the baseline never asks the teacher
     for method in ("kd", "hint"):
         student_views = seen[f"student {method}"][:steps]
+        assert len(student_views) == steps
         assert all(torch.equal(a, b) for a, b in zip(student_views, baseline))  # same batches, same augmentations
         teacher_views = seen[f"teacher {method}"]
         if method == "kd" and augment == "none":  # its logits, fixed, computed once for the whole set
